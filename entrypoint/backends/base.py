@@ -1,0 +1,102 @@
+"""The one small interface every backend implements.
+
+How to start it (argv and env), how to tell it is ready, how to load and unload an adapter and
+read its answers, and how it names an adapter in a request. Backend-specific knowledge lives in
+the modules beside this one and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import httpx
+
+if TYPE_CHECKING:
+    from ..adapters import AdapterFolder
+    from ..profiles import Profile
+    from ..settings import Settings
+
+
+class Outcome(enum.Enum):
+    """What a load or unload call came to, in the backend-neutral terms the reconciler uses."""
+
+    DONE = "done"  # loaded, or unloaded
+    ALREADY_LOADED = "already_loaded"  # our record and the backend's disagree: reconcile
+    GONE = "gone"  # unload of a name the backend does not know: already gone
+    REFUSED = "refused"  # the backend will never take these files: failed until they change
+    TRANSIENT = "transient"  # connection refused, timeout, 5xx while restarting: retry later
+
+
+@dataclass(frozen=True)
+class Reply:
+    outcome: Outcome
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class StartSpec:
+    """What the launch plan needs from the settings, resolved."""
+
+    model: str
+    served_name: str
+    host: str
+    port: int
+    max_lora_rank: int
+    static_adapters: tuple[AdapterFolder, ...]
+    dynamic: bool
+
+
+class Backend(ABC):
+    """A serving engine behind the entrypoint."""
+
+    name: ClassVar[str]
+    #: ranks the engine accepts for its max-LoRA-rank setting, ascending
+    allowed_ranks: ClassVar[tuple[int, ...]]
+    #: GET this path on the backend until it answers 200
+    readiness_path: ClassVar[str] = "/health"
+
+    @abstractmethod
+    def argv(
+        self, spec: StartSpec, *, settings: Settings, profile: Profile, python: str
+    ) -> list[str]:
+        """The command line that starts the engine (before passthrough arguments)."""
+
+    @abstractmethod
+    def env(self, spec: StartSpec, *, settings: Settings, profile: Profile) -> dict[str, str]:
+        """Environment variables the engine needs on top of the entrypoint's own."""
+
+    @abstractmethod
+    async def load(
+        self, client: httpx.AsyncClient, name: str, path: Path, *, replace: bool = False
+    ) -> Reply:
+        """Load `path` under `name`; with `replace`, swap the weights of a loaded name."""
+
+    @abstractmethod
+    async def unload(self, client: httpx.AsyncClient, name: str) -> Reply:
+        """Forget `name`."""
+
+    @abstractmethod
+    async def loaded(self, client: httpx.AsyncClient) -> dict[str, str]:
+        """The adapters the engine serves now: name -> the path it loaded them from."""
+
+    def request_model(self, served_name: str, adapter: str | None) -> str:
+        """The `model` value the engine needs in an OpenAI request for this adapter (or base)."""
+        return adapter or served_name
+
+    def check_settings(self, settings: Settings) -> None:
+        """Raise `ConfigError` for settings this engine cannot run with."""
+        return None
+
+    def rank_limit(self, wanted: int) -> int | None:
+        """The smallest allowed max-rank covering `wanted`, or None when none does."""
+        return next((rank for rank in self.allowed_ranks if rank >= wanted), None)
+
+
+def transient(exc: Exception) -> Reply:
+    """A reply for an exception raised by the HTTP client (timeouts, refused connections)."""
+    kind = type(exc).__name__
+    return Reply(Outcome.TRANSIENT, f"{kind}: {exc}" if str(exc) else kind)

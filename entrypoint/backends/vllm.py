@@ -1,0 +1,120 @@
+"""vLLM: its command line, its runtime LoRA endpoints and how to read their answers.
+
+Everything this project knows about vLLM's flags, routes and error bodies is here
+(see shared/reference/vllm-lora.md). Starts nothing itself; the supervisor runs the argv.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import httpx
+
+from ..settings import ConfigError
+from .base import Backend, Outcome, Reply, StartSpec, transient
+
+if TYPE_CHECKING:
+    from ..profiles import Profile
+    from ..settings import Settings
+
+RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def error_message(response: httpx.Response) -> str:
+    """The message of a vLLM error body (`{"error": {"message": ...}}`), else the raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and "message" in inner:
+            return str(inner["message"])
+    return response.text.strip()
+
+
+class VLLMBackend(Backend):
+    name: ClassVar[str] = "vllm"
+    allowed_ranks: ClassVar[tuple[int, ...]] = RANKS
+    readiness_path: ClassVar[str] = "/health"
+
+    def check_settings(self, settings: Settings) -> None:
+        rank = settings.max_lora_rank
+        if rank is not None and rank not in RANKS:
+            allowed = ", ".join(map(str, RANKS))
+            raise ConfigError(
+                f"NIM_MAX_LORA_RANK={rank}: vLLM allows only {allowed}; pick the smallest that "
+                "covers your adapters"
+            )
+
+    def argv(
+        self, spec: StartSpec, *, settings: Settings, profile: Profile, python: str
+    ) -> list[str]:
+        argv = [python, "-m", "vllm.entrypoints.openai.api_server"]
+        argv += ["--model", spec.model, "--served-model-name", spec.served_name]
+        argv += ["--host", spec.host, "--port", str(spec.port)]
+        argv += list(profile.backend_args)
+        tp = settings.tensor_parallel_size or profile.tp
+        pp = settings.pipeline_parallel_size or profile.pp
+        if profile.hardware.device == "gpu" or tp > 1 or pp > 1:
+            argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+        if settings.max_model_len:
+            argv += ["--max-model-len", str(settings.max_model_len)]
+        argv += ["--enable-lora", "--max-loras", str(settings.max_gpu_loras)]
+        argv += ["--max-cpu-loras", str(settings.cpu_loras)]
+        argv += ["--max-lora-rank", str(spec.max_lora_rank)]
+        if spec.static_adapters:
+            argv.append("--lora-modules")
+            argv += [
+                json.dumps(
+                    {"name": a.name, "path": str(a.path), "base_model_name": spec.served_name},
+                    separators=(",", ":"),
+                )
+                for a in spec.static_adapters
+            ]
+        return argv
+
+    def env(self, spec: StartSpec, *, settings: Settings, profile: Profile) -> dict[str, str]:
+        env = dict(profile.env)
+        if spec.dynamic:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
+        return env
+
+    async def load(
+        self, client: httpx.AsyncClient, name: str, path: Path, *, replace: bool = False
+    ) -> Reply:
+        body = {"lora_name": name, "lora_path": str(path), "load_inplace": replace}
+        try:
+            response = await client.post("/v1/load_lora_adapter", json=body)
+        except httpx.HTTPError as exc:
+            return transient(exc)
+        if response.status_code == 200:
+            return Reply(Outcome.DONE, response.text.strip())
+        message = error_message(response)
+        if response.status_code == 400 and "already" in message.lower():
+            return Reply(Outcome.ALREADY_LOADED, message)
+        if response.status_code in (400, 404, 422):
+            return Reply(Outcome.REFUSED, message)
+        if response.status_code == 500 and "add_lora" in message:
+            return Reply(Outcome.REFUSED, message.replace("Call to add_lora method failed: ", ""))
+        return Reply(Outcome.TRANSIENT, f"HTTP {response.status_code}: {message}")
+
+    async def unload(self, client: httpx.AsyncClient, name: str) -> Reply:
+        try:
+            response = await client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        except httpx.HTTPError as exc:
+            return transient(exc)
+        if response.status_code == 200:
+            return Reply(Outcome.DONE)
+        message = error_message(response)
+        if response.status_code in (400, 404):
+            return Reply(Outcome.GONE, message)
+        return Reply(Outcome.TRANSIENT, f"HTTP {response.status_code}: {message}")
+
+    async def loaded(self, client: httpx.AsyncClient) -> dict[str, str]:
+        response = await client.get("/v1/models")
+        response.raise_for_status()
+        cards = response.json().get("data", [])
+        return {card["id"]: card.get("root", "") for card in cards if card.get("parent")}

@@ -1,0 +1,171 @@
+"""Command line: `lora-entrypoint serve | demo`.
+
+Turns user errors into one line on stderr and a non-zero exit, never a traceback. The work itself
+lives in `service`, `adapters` and `demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .logs import setup_logging
+from .settings import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Serve one base LLM plus hot-swapped LoRA adapters on vLLM, configured like NIM.",
+)
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_CONFIG)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+        raise  # unreachable
+
+
+def _run_service(
+    settings: Settings,
+    *,
+    host: str,
+    backend_port: int | None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    from .service import serve as run_serve
+
+    setup_logging(settings.log_level, jsonl=settings.jsonl_logging)
+    try:
+        code = run_serve(settings, host=host, backend_port=backend_port, on_ready=on_ready)
+    except ConfigError as exc:
+        fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved plan as JSON; start nothing.")
+    ] = False,
+    host: Annotated[str, typer.Option(help="Address of the public port.")] = "0.0.0.0",
+    port: Annotated[int | None, typer.Option(help="Public port (NIM_SERVER_PORT).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (NIM_MODEL_NAME).")] = None,
+    peft_source: Annotated[
+        Path | None, typer.Option(help="Adapter folder (NIM_PEFT_SOURCE).")
+    ] = None,
+    refresh_interval: Annotated[
+        float | None, typer.Option(help="Seconds between scans (NIM_PEFT_REFRESH_INTERVAL).")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="Profile name or id (NIM_MODEL_PROFILE).")
+    ] = None,
+    backend_port: Annotated[
+        int | None, typer.Option(help="Loopback port of the backend (default: a free one).")
+    ] = None,
+) -> None:
+    """Start the backend with the right LoRA flags and serve the public port."""
+    settings = _settings(
+        server_port=port, model_name=model, peft_source=peft_source,
+        peft_refresh_interval=refresh_interval, model_profile=profile,
+    )
+    if dry_run:
+        from .service import resolve
+
+        try:
+            startup = resolve(settings, backend_port=backend_port or 0)
+        except ConfigError as exc:
+            fail(str(exc))
+            return
+        described = startup.plan.describe()
+        described["adapters"] = [
+            {"name": a.name, "path": str(a.path), "valid": a.valid, "rank": a.rank,
+             "reason": a.problem}
+            for a in startup.adapters
+        ]
+        typer.echo(json.dumps(described, indent=2))
+        return
+    _run_service(settings, host=host, backend_port=backend_port)
+
+
+@app.command()
+def demo(
+    port: Annotated[int | None, typer.Option(help="Public port (NIM_SERVER_PORT).")] = None,
+) -> None:
+    """Build the tiny demo model and adapters (once) and serve them in dynamic mode."""
+    cache = Path(os.environ.get("NIM_CACHE_PATH", ".cache")).resolve()
+    typer.echo(f"building the demo model and adapters under {cache / 'demo'} (once) ...")
+    from .demo import DEMO_ADAPTERS, build_demo
+
+    assets = build_demo(cache / "demo")
+    first = next(iter(DEMO_ADAPTERS))
+    if not any(assets.loras.iterdir()):
+        shutil.copytree(assets.library / first, assets.loras / f".{first}.tmp")
+        os.replace(assets.loras / f".{first}.tmp", assets.loras / first)
+    defaults = {
+        "NIM_MODEL_NAME": str(assets.model),
+        "NIM_SERVED_MODEL_NAME": "tiny-llama",
+        "NIM_PEFT_SOURCE": str(assets.loras),
+        "NIM_PEFT_REFRESH_INTERVAL": "2",
+        "NIM_MAX_MODEL_LEN": "512",
+        "NIM_CACHE_PATH": str(cache),
+        "HF_HUB_OFFLINE": "1",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    settings = _settings(server_port=port)
+    url = f"http://localhost:{settings.server_port}"
+    other = [name for name in DEMO_ADAPTERS if name != first]
+    loras = settings.peft_source
+
+    def instructions() -> None:
+        print(
+            f"""
+================================================================================
+ lora-entrypoint demo is ready on {url}  (base model: {settings.served_name})
+ Watched adapter folder: {loras}
+ Adapter library (copy from here): {assets.library}
+
+ Try the adapter already there:
+   curl {url}/v1/models
+   curl {url}/v1/completions -H 'Content-Type: application/json' \\
+     -d '{{"model": "{first}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
+
+ Hot-add another adapter (copy into the watched folder):
+   cp -r {assets.library / other[0]} {loras}/
+   curl {url}/v1/completions -H 'Content-Type: application/json' \\
+     -d '{{"model": "{other[0]}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
+
+ Remove it again (the same request then gets 404):
+   rm -r {loras / other[0]}
+
+ Stop with Ctrl+C.
+================================================================================
+""",
+            flush=True,
+        )
+
+    _run_service(settings, host="0.0.0.0", backend_port=None, on_ready=instructions)
+
+
+def main() -> None:
+    try:
+        app(prog_name="lora-entrypoint")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,91 @@
+"""Launch plan: a pure function from (settings, profile, adapters found at start) to argv + env.
+
+Starts nothing and reads no files, so it is testable on its own and printable
+(`serve --dry-run`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from .adapters import AdapterFolder
+from .backends import Backend, StartSpec, get_backend
+from .profiles import Profile
+from .settings import ConfigError, Settings
+
+BACKEND_HOST = "127.0.0.1"
+MIN_DERIVED_RANK = 16
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How to start the backend, and what it will serve at start."""
+
+    profile: Profile
+    backend: Backend
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    max_lora_rank: int
+    static_adapters: tuple[AdapterFolder, ...] = field(default=())
+
+    def describe(self) -> dict:
+        return {
+            "profile": {"name": self.profile.name, "id": self.profile.id},
+            "backend": self.backend.name,
+            "argv": self.argv,
+            "env": self.env,
+            "max_lora_rank": self.max_lora_rank,
+            "static_adapters": [a.name for a in self.static_adapters],
+        }
+
+
+def resolve_max_rank(settings: Settings, backend: Backend, adapters: list[AdapterFolder]) -> int:
+    """NIM_MAX_LORA_RANK, or the smallest rank the backend allows covering every adapter (>= 16)."""
+    if settings.max_lora_rank is not None:
+        return settings.max_lora_rank
+    ranks = [a.rank for a in adapters if a.rank is not None and a.problem is None]
+    wanted = max([MIN_DERIVED_RANK, *ranks])
+    return backend.rank_limit(wanted) or backend.allowed_ranks[-1]
+
+
+def build_launch_plan(
+    settings: Settings,
+    profile: Profile,
+    adapters: list[AdapterFolder],
+    *,
+    port: int,
+    python: str = sys.executable,
+) -> LaunchPlan:
+    """The backend's argv and env. Only valid adapters are ever passed at start."""
+    backend = get_backend(profile.backend)
+    backend.check_settings(settings)
+    if settings.peft_source is not None and not profile.lora:
+        raise ConfigError(
+            f"NIM_MODEL_PROFILE={profile.name} does not serve LoRA but NIM_PEFT_SOURCE is set; "
+            "choose a profile whose name ends in feat_lora"
+        )
+    max_rank = resolve_max_rank(settings, backend, adapters)
+    static = tuple(a for a in adapters if a.valid and (a.rank or 0) <= max_rank)
+    spec = StartSpec(
+        model=settings.model_name or "",
+        served_name=settings.served_name,
+        host=BACKEND_HOST,
+        port=port,
+        max_lora_rank=max_rank,
+        static_adapters=() if settings.dynamic else static,
+        dynamic=settings.dynamic,
+    )
+    argv = backend.argv(spec, settings=settings, profile=profile, python=python)
+    argv += settings.passthrough
+    env = backend.env(spec, settings=settings, profile=profile)
+    return LaunchPlan(
+        profile=profile,
+        backend=backend,
+        argv=argv,
+        env=env,
+        port=port,
+        max_lora_rank=max_rank,
+        static_adapters=spec.static_adapters,
+    )

@@ -1,0 +1,224 @@
+"""Reconcile: compare what the adapter folder wants with what the backend serves, and act.
+
+Level-triggered: each pass looks at the whole folder and the backend's whole adapter list, so
+running it twice changes nothing. Work is sequential per name and parallel across names (bounded).
+Scanning happens in a thread; backend calls go through the backend module only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+from .adapters import AdapterFolder, scan_source
+from .backends import Backend, Outcome
+from .registry import AdapterRecord, Registry, State
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE_SECS = 0.5
+RETRY_MAX_SECS = 30.0
+
+
+class Reconciler:
+    """Brings the backend's adapters in line with the folders under NIM_PEFT_SOURCE."""
+
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        client: httpx.AsyncClient,
+        registry: Registry,
+        source: Path,
+        served_name: str,
+        max_rank: int | None,
+        parallel: int = 8,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.client = client
+        self.registry = registry
+        self.source = source
+        self.served_name = served_name
+        self.max_rank = max_rank
+        self._slots = asyncio.Semaphore(parallel)
+        self._work: dict[str, asyncio.Task[None]] = {}
+        self._retry: dict[str, tuple[int, float]] = {}  # name -> (attempts, not before)
+        self._reported: dict[str, str] = {}  # name -> last problem logged (log each once)
+        self._refused: dict[str, str] = {}  # name -> fingerprint the backend refused
+        self._pass = asyncio.Lock()
+        self._wake = wake or (lambda: None)
+        self.passes = 0
+
+    # ---- passes ----
+
+    def scan(self) -> list[AdapterFolder]:
+        return scan_source(self.source, max_rank=self.max_rank, served_name=self.served_name)
+
+    async def sync(self) -> None:
+        """One pass: scan, compare, and start per-name work for every name that needs it."""
+        async with self._pass:
+            folders = await asyncio.to_thread(self.scan)
+            try:
+                actual: dict[str, str] | None = await self.backend.loaded(self.client)
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("cannot list the backend's adapters (%s); will retry", exc)
+                actual = None
+            wanted = {folder.name: folder for folder in folders}
+            for name in sorted(set(wanted) | {r.name for r in self.registry.records()}):
+                if name in self._work:
+                    continue  # sequential per name: the next pass looks again
+                folder = wanted.get(name)
+                if not self._needs_work(name, folder, actual):
+                    continue
+                self._work[name] = asyncio.create_task(self._run(name, folder, actual))
+            self.passes += 1
+
+    async def wait_idle(self) -> None:
+        """Wait until no per-name work is in flight."""
+        while self._work:
+            await asyncio.gather(*list(self._work.values()), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in self._work.values():
+            task.cancel()
+        await asyncio.gather(*self._work.values(), return_exceptions=True)
+
+    # ---- deciding ----
+
+    def _needs_work(
+        self, name: str, folder: AdapterFolder | None, actual: dict[str, str] | None
+    ) -> bool:
+        record = self.registry.get(name)
+        if name in self._retry and self._retry[name][1] > time.monotonic():
+            return False  # backing off after a transient error
+        if folder is None:
+            return record is not None
+        if not folder.valid:
+            return True  # cheap: only records the state
+        if self._refused.get(name) == folder.fingerprint:
+            return False  # refused: failed until its files change
+        if record is None or record.loaded_path is None:
+            return True
+        if actual is not None and name not in actual:
+            return True  # unloaded behind our back, or lost in a backend restart
+        return record.loaded_version != folder.fingerprint
+
+    async def _run(
+        self, name: str, folder: AdapterFolder | None, actual: dict[str, str] | None
+    ) -> None:
+        try:
+            async with self._slots:
+                if folder is None:
+                    await self._remove(name)
+                elif not folder.valid:
+                    self._record_invalid(folder)
+                else:
+                    await self._load(folder, actual)
+        except Exception:  # never let one adapter take the loop down
+            log.exception("adapter %s: unexpected error while reconciling", name)
+        finally:
+            self._work.pop(name, None)
+
+    # ---- acting ----
+
+    def _record_invalid(self, folder: AdapterFolder) -> None:
+        record = self.registry.get(folder.name)
+        reason = folder.problem or "invalid"
+        if record is not None and record.loaded_path is not None:
+            # Keep serving what was loaded; say why the new files are not taken.
+            if record.reason != reason:
+                log.warning("adapter %s: new files not loaded (%s); still serving the previous "
+                            "version", folder.name, reason)
+            self.registry.put(replace(record, reason=reason))
+            return
+        state = State.PENDING if folder.pending else State.FAILED
+        self.registry.put(AdapterRecord(name=folder.name, state=state, source=folder.path,
+                                        version=folder.fingerprint, rank=folder.rank,
+                                        size=folder.size, reason=reason))
+        if self._reported.get(folder.name) != reason:
+            self._reported[folder.name] = reason
+            level = logging.INFO if folder.pending else logging.WARNING
+            verb = "waiting" if folder.pending else "skipped"
+            log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.path)
+
+    async def _load(self, folder: AdapterFolder, actual: dict[str, str] | None) -> None:
+        name = folder.name
+        record = self.registry.get(name)
+        serving = record is not None and record.loaded_path is not None
+        in_backend = actual is not None and name in actual
+        inplace = serving and in_backend
+        base = record or AdapterRecord(name=name, state=State.LOADING)
+        self.registry.put(replace(base, state=State.LOADING, source=folder.path,
+                                version=folder.fingerprint, rank=folder.rank, size=folder.size,
+                                reason=""))
+        path = folder.path
+        started = time.monotonic()
+        reply = await self.backend.load(self.client, name, path, replace=inplace)
+        if reply.outcome is Outcome.ALREADY_LOADED:
+            reply = await self.backend.load(self.client, name, path, replace=True)
+        if reply.outcome is Outcome.DONE:
+            self._forget(name)
+            self.registry.update(name, state=State.READY, loaded_path=path,
+                                 loaded_version=folder.fingerprint, reason="")
+            log.info("adapter %s: %s in %.0f ms (rank %s, %s)", name,
+                     "reloaded" if inplace else "loaded",
+                     (time.monotonic() - started) * 1000, folder.rank, folder.path)
+        elif reply.outcome is Outcome.REFUSED:
+            self._retry.pop(name, None)
+            self._fail(folder, record if serving else None, reply.message)
+        else:
+            self._schedule_retry(name, reply.message)
+            if serving:
+                self.registry.update(name, state=State.READY, reason=f"reload will be retried: "
+                                     f"{reply.message}")
+            else:
+                self.registry.update(name, state=State.PENDING,
+                                     reason=f"load will be retried: {reply.message}")
+
+    def _fail(self, folder: AdapterFolder, serving: AdapterRecord | None, message: str) -> None:
+        reason = f"refused by the backend: {message}"
+        self._refused[folder.name] = folder.fingerprint
+        log.warning("adapter %s: %s (%s)", folder.name, reason, folder.path)
+        if serving is not None:
+            reason = f"new files {reason}; still serving the previous version"
+            self.registry.put(replace(serving, state=State.READY, reason=reason))
+        else:
+            self.registry.update(folder.name, state=State.FAILED, reason=reason,
+                                 loaded_path=None)
+
+    async def _remove(self, name: str) -> None:
+        record = self.registry.get(name)
+        if record is None:
+            return
+        if record.loaded_path is None:
+            self.registry.drop(name)
+            self._forget(name)
+            return
+        self.registry.update(name, state=State.REMOVING, reason="folder removed")
+        reply = await self.backend.unload(self.client, name)
+        if reply.outcome in (Outcome.DONE, Outcome.GONE):
+            self.registry.drop(name)
+            self._forget(name)
+            log.info("adapter %s: unloaded (folder removed)", name)
+        else:
+            self._schedule_retry(name, reply.message)
+
+    def _forget(self, name: str) -> None:
+        self._retry.pop(name, None)
+        self._reported.pop(name, None)
+        self._refused.pop(name, None)
+
+    def _schedule_retry(self, name: str, message: str) -> None:
+        attempts = self._retry.get(name, (0, 0.0))[0] + 1
+        delay = min(RETRY_MAX_SECS, RETRY_BASE_SECS * 2 ** (attempts - 1))
+        self._retry[name] = (attempts, time.monotonic() + delay)
+        log.warning("adapter %s: backend not answering (%s); retry %d in %.1f s",
+                    name, message, attempts, delay)
+        asyncio.get_running_loop().call_later(delay, self._wake)

@@ -1,0 +1,265 @@
+"""Service: wires settings, profile, launch plan, supervisor, reconciler, watcher and gateway.
+
+One asyncio loop runs everything. Owns the signals (SIGTERM/SIGINT stop the backend gracefully and
+exit 0) and the exit code (non-zero when the backend dies). Holds no backend knowledge itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from .adapters import AdapterFolder, scan_source
+from .gateway import GatewayState, build_app
+from .launch import LaunchPlan, build_launch_plan
+from .profiles import load_profiles, select_profile
+from .reconcile import Reconciler
+from .registry import AdapterRecord, Registry, State
+from .settings import ConfigError, Settings
+from .supervisor import BackendProcess
+
+log = logging.getLogger("entrypoint")
+
+EXIT_OK = 0
+EXIT_BACKEND_DIED = 1
+
+
+@dataclass(frozen=True)
+class Startup:
+    """Everything resolved before anything starts (what `serve --dry-run` prints)."""
+
+    settings: Settings
+    plan: LaunchPlan
+    adapters: list[AdapterFolder]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def resolve(settings: Settings, *, backend_port: int | None = None) -> Startup:
+    """Settings -> profile -> adapters at start -> launch plan. Raises `ConfigError`."""
+    profiles = load_profiles()
+    profile = select_profile(
+        profiles, wanted=settings.model_profile, lora=settings.peft_source is not None
+    )
+    adapters: list[AdapterFolder] = []
+    if settings.peft_source is not None:
+        adapters = scan_source(
+            settings.peft_source, max_rank=settings.max_lora_rank,
+            served_name=settings.served_name,
+        )
+    plan = build_launch_plan(settings, profile, adapters, port=backend_port or free_port())
+    if settings.max_lora_rank is None and settings.peft_source is not None:
+        # Re-check the start-time adapters against the derived rank.
+        adapters = scan_source(settings.peft_source, max_rank=plan.max_lora_rank,
+                               served_name=settings.served_name)
+    return Startup(settings=settings, plan=plan, adapters=adapters)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The public socket, bound before the backend starts so a busy port fails fast."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"NIM_SERVER_PORT={port}: cannot listen on {host}:{port} ({exc.strerror}); "
+            "choose a free port"
+        ) from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class _GatewayServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Service:
+    """The running entrypoint: one backend process, the adapter loop and the public port."""
+
+    def __init__(
+        self,
+        startup: Startup,
+        *,
+        host: str = "0.0.0.0",
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.startup = startup
+        self.on_ready = on_ready
+        self.settings = startup.settings
+        self.plan = startup.plan
+        self.host = host
+        self.registry = Registry()
+        self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.process = BackendProcess(
+            self.plan.argv, self.plan.env, label=self.plan.backend.name,
+            raw_logs=not self.settings.jsonl_logging,
+        )
+        self.client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.plan.port}",
+            timeout=httpx.Timeout(self.settings.peft_api_timeout_secs, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        self.proxy_client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.plan.port}",
+            timeout=httpx.Timeout(600.0, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+        self.gateway = GatewayState(
+            served_name=self.settings.served_name,
+            backend=self.plan.backend,
+            registry=self.registry,
+            client=self.proxy_client,
+            static_mode=not self.settings.dynamic,
+        )
+        self.reconciler: Reconciler | None = None
+        if self.settings.dynamic and self.settings.peft_source is not None:
+            self.reconciler = Reconciler(
+                backend=self.plan.backend,
+                client=self.client,
+                registry=self.registry,
+                source=self.settings.peft_source,
+                served_name=self.settings.served_name,
+                max_rank=self.plan.max_lora_rank,
+                wake=self.wake.set,
+            )
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        sock = listen(self.host, self.settings.server_port)
+        config = uvicorn.Config(build_app(self.gateway), log_config=None, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        server = _GatewayServer(config)
+        gateway_task = asyncio.create_task(server.serve(sockets=[sock]))
+        log.info("public port %s:%d; starting %s with profile %s", self.host,
+                 self.settings.server_port, self.plan.backend.name, self.plan.profile.name)
+        try:
+            return await self._run_backend()
+        finally:
+            server.should_exit = True
+            if self.reconciler is not None:
+                await self.reconciler.close()
+            await self.process.stop()
+            await asyncio.wait({gateway_task}, timeout=10)
+            await self.client.aclose()
+            await self.proxy_client.aclose()
+            sock.close()
+
+    def _on_signal(self, sig: int) -> None:
+        if not self.stopping.is_set():
+            log.info("received %s: stopping", signal.Signals(sig).name)
+        self.stopping.set()
+
+    async def _run_backend(self) -> int:
+        await self.process.start()
+        exited = asyncio.create_task(self.process.wait())
+        stop = asyncio.create_task(self.stopping.wait())
+        started = loop_time()
+        ready = asyncio.create_task(
+            self.process.wait_ready(self.client, self.plan.backend.readiness_path)
+        )
+        await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if self.stopping.is_set():
+            ready.cancel()
+            return EXIT_OK
+        if not ready.result():
+            return self._backend_died(await exited)
+        self.gateway.backend_up = True
+        log.info("%s ready in %.1f s", self.plan.backend.name, loop_time() - started)
+        await self._first_sync()
+        self.gateway.ready = True
+        log.info("ready: serving %s with %d adapters on port %d", self.settings.served_name,
+                 len(self.registry.ready_names()), self.settings.server_port)
+        if self.on_ready is not None:
+            self.on_ready()
+        watcher = asyncio.create_task(self._watch()) if self.reconciler else None
+        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+        self.gateway.ready = False
+        if watcher is not None:
+            watcher.cancel()
+        if self.stopping.is_set():
+            return EXIT_OK
+        return self._backend_died(exited.result())
+
+    def _backend_died(self, code: int) -> int:
+        last = " | ".join(line for line in list(self.process.tail)[-5:] if line.strip())
+        log.error("%s exited with code %s before it was asked to stop; last output: %s",
+                  self.plan.backend.name, code, last or "(none)")
+        return EXIT_BACKEND_DIED
+
+    async def _first_sync(self) -> None:
+        if self.reconciler is not None:
+            await self.reconciler.sync()
+            await self.reconciler.wait_idle()
+            return
+        # Static mode: the backend loaded the valid adapters at start.
+        for folder in self.startup.adapters:
+            if folder.valid and folder in self.plan.static_adapters:
+                record = AdapterRecord(name=folder.name, state=State.READY, source=folder.path,
+                                       loaded_path=folder.path, version=folder.fingerprint,
+                                       loaded_version=folder.fingerprint, rank=folder.rank,
+                                       size=folder.size)
+            else:
+                record = AdapterRecord(name=folder.name, state=State.FAILED, source=folder.path,
+                                       version=folder.fingerprint, rank=folder.rank,
+                                       size=folder.size, reason=folder.problem or "not loaded")
+                log.warning("adapter %s: skipped: %s (%s)", folder.name, record.reason,
+                            folder.path)
+            self.registry.put(record)
+        if self.settings.peft_source is not None:
+            log.info("static mode: NIM_PEFT_REFRESH_INTERVAL is unset, so changes to %s are "
+                     "ignored until a restart", self.settings.peft_source)
+
+    async def _watch(self) -> None:
+        assert self.reconciler is not None and self.settings.peft_refresh_interval is not None
+        interval = self.settings.peft_refresh_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=interval)
+            self.wake.clear()
+            await self.reconciler.sync()
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str = "0.0.0.0",
+    backend_port: int | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Resolve, then run until a signal or the backend's death. Returns the exit code."""
+    startup = resolve(settings, backend_port=backend_port)
+
+    async def main() -> int:
+        return await Service(startup, host=host, on_ready=on_ready).run()
+
+    return asyncio.run(main())
+
+
+__all__ = ["serve", "resolve", "Service", "Startup"]

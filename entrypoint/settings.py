@@ -1,0 +1,269 @@
+"""Settings: every `NIM_*` variable, typed and validated once.
+
+Nothing else in the entrypoint reads `os.environ` for configuration. A bad value becomes a
+`ConfigError` whose message is one line naming the variable and saying what to do.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+LOG_LEVELS = {"TRACE", "DEBUG", "INFO", "DEFAULT", "WARNING", "ERROR", "CRITICAL"}
+
+
+class ConfigError(Exception):
+    """A user error in the configuration: one line, naming the variable or folder."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable behind a settings field (`peft_source` -> `NIM_PEFT_SOURCE`)."""
+    return "NIM_" + field.upper()
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError("expected one of true/1/yes/on or false/0/no/off")
+
+
+class Settings(BaseSettings):
+    """The entrypoint's configuration, read from `NIM_*` environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NIM_",
+        case_sensitive=False,
+        extra="ignore",
+        populate_by_name=True,
+        validate_default=False,
+    )
+
+    model_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("model_name", "NIM_MODEL_NAME", "NIM_MODEL_PATH"),
+        description="The base model: a local folder (or a hub id where a hub is reachable).",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="The name clients use for the base model. Default: NIM_MODEL_NAME as given.",
+    )
+    peft_source: Path | None = Field(
+        default=None,
+        description="Folder of LoRA adapters, one sub-folder per adapter; the folder name is the "
+        "adapter name.",
+    )
+    peft_refresh_interval: float | None = Field(
+        default=None,
+        description="Seconds between scans of NIM_PEFT_SOURCE. Unset: static mode (adapters are "
+        "read once at start).",
+    )
+    max_gpu_loras: int = Field(
+        default=8, description="Adapters in one batch (vLLM --max-loras, SGLang "
+        "--max-loras-per-batch)."
+    )
+    max_cpu_loras: int | None = Field(
+        default=None,
+        description="Adapters kept in host memory (vLLM --max-cpu-loras, SGLang "
+        "--max-loaded-loras). Default: 16, or NIM_MAX_GPU_LORAS if that is larger.",
+    )
+    max_lora_rank: int | None = Field(
+        default=None,
+        description="Largest adapter rank accepted. Default: the smallest value the backend "
+        "allows that covers every adapter present at start, never below 16.",
+    )
+    model_profile: str | None = Field(
+        default=None, description="A profile by name or id. Unset: chosen from the hardware."
+    )
+    server_port: int = Field(default=8000, description="The public port.")
+    cache_path: Path = Field(
+        default=Path(".cache"),
+        description="Where the entrypoint keeps files (demo model, adapter snapshots).",
+    )
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR, CRITICAL.")
+    jsonl_logging: bool = Field(default=False, description="Log one JSON object per line.")
+    max_model_len: int | None = Field(
+        default=None, description="Maximum context length, passed to the backend."
+    )
+    tensor_parallel_size: int | None = Field(
+        default=None, description="Tensor parallelism; overrides the profile's tp."
+    )
+    pipeline_parallel_size: int | None = Field(
+        default=None, description="Pipeline parallelism; overrides the profile's pp."
+    )
+    passthrough_args: str | None = Field(
+        default=None, description="Extra backend arguments, appended verbatim (shell quoting)."
+    )
+    peft_api_timeout_secs: float = Field(
+        default=30.0, description="Timeout of one adapter load or unload call, in seconds."
+    )
+
+    # ---- field checks: messages are completed with the variable name by `load_settings` ----
+
+    @field_validator("jsonl_logging", mode="before")
+    @classmethod
+    def _bool(cls, value: Any) -> bool:
+        return _parse_bool(value)
+
+    @field_validator("peft_refresh_interval", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() == "":
+            return None
+        return value
+
+    @field_validator("peft_refresh_interval")
+    @classmethod
+    def _interval_positive(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError("must be a number of seconds above 0 (unset it for static mode)")
+        return value
+
+    @field_validator("server_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError("must be a TCP port between 1 and 65535")
+        return value
+
+    @field_validator("max_gpu_loras", "max_cpu_loras", "max_model_len", "tensor_parallel_size",
+                     "pipeline_parallel_size")
+    @classmethod
+    def _positive_int(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be a whole number of at least 1")
+        return value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be a positive rank such as 8, 16, 32 or 64")
+        return value
+
+    @field_validator("peft_api_timeout_secs")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be a number of seconds above 0")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(sorted(LOG_LEVELS))}")
+        return {"DEFAULT": "INFO", "TRACE": "DEBUG"}.get(level, level)
+
+    @field_validator("passthrough_args")
+    @classmethod
+    def _passthrough(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                shlex.split(value)
+            except ValueError as exc:
+                message = f"cannot be split into arguments ({exc}); check its quoting"
+                raise ValueError(message) from None
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_gpu_loras:
+            raise ValueError(
+                f"NIM_MAX_CPU_LORAS={self.max_cpu_loras} is below NIM_MAX_GPU_LORAS="
+                f"{self.max_gpu_loras}; the host cache must hold at least as many adapters as "
+                "one batch: raise NIM_MAX_CPU_LORAS or lower NIM_MAX_GPU_LORAS"
+            )
+        return self
+
+    # ---- derived values ----
+
+    @property
+    def dynamic(self) -> bool:
+        """True when the adapter folder is watched (NIM_PEFT_REFRESH_INTERVAL set)."""
+        return self.peft_source is not None and self.peft_refresh_interval is not None
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.model_name or ""
+
+    @property
+    def cpu_loras(self) -> int:
+        return self.max_cpu_loras or max(16, self.max_gpu_loras)
+
+    @property
+    def passthrough(self) -> list[str]:
+        return shlex.split(self.passthrough_args) if self.passthrough_args else []
+
+    def check_paths(self) -> None:
+        """Checks that need the file system; raises `ConfigError`."""
+        if not self.model_name:
+            raise ConfigError(
+                "NIM_MODEL_NAME is not set: point it (or NIM_MODEL_PATH) at the base model folder"
+            )
+        model = Path(self.model_name).expanduser()
+        looks_local = self.model_name.startswith(("/", ".", "~")) or model.exists()
+        if looks_local and not model.is_dir():
+            raise ConfigError(
+                f"NIM_MODEL_NAME={self.model_name}: no such folder; mount the model there or fix "
+                "the path"
+            )
+        if self.peft_source is not None:
+            source = self.peft_source.expanduser()
+            if not source.exists():
+                raise ConfigError(
+                    f"NIM_PEFT_SOURCE={self.peft_source}: no such folder; create it or mount "
+                    "your adapter folder there"
+                )
+            if not source.is_dir():
+                raise ConfigError(
+                    f"NIM_PEFT_SOURCE={self.peft_source}: is a file, not a folder; point it at "
+                    "the folder that holds one sub-folder per adapter"
+                )
+        if self.peft_refresh_interval is not None and self.peft_source is None:
+            raise ConfigError(
+                "NIM_PEFT_REFRESH_INTERVAL is set but NIM_PEFT_SOURCE is not: set NIM_PEFT_SOURCE "
+                "to the adapter folder to watch"
+            )
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ()) if part != "__root__"]
+    message = str(error.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if not loc:
+        return message
+    field = loc[0]
+    name = "NIM_MODEL_NAME" if field in ("model_name", "NIM_MODEL_NAME", "NIM_MODEL_PATH") else (
+        field.upper() if field.upper().startswith("NIM_") else env_name(field)
+    )
+    value = error.get("input")
+    kind = error.get("type", "")
+    if kind in ("int_parsing", "int_from_float"):
+        message = "must be a whole number"
+    elif kind == "float_parsing":
+        message = "must be a number"
+    shown = f"={value}" if isinstance(value, str | int | float) else ""
+    return f"{name}{shown}: {message}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (and command-line overrides) into `Settings`; `ConfigError` if bad."""
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+    settings.check_paths()
+    return settings

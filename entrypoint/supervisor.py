@@ -1,0 +1,118 @@
+"""Supervisor: owns the backend child process: start, readiness, log forwarding, stop, exit code.
+
+The child runs in its own process group so that a stop reaches the engine's helper processes too
+and nothing is left behind. Knows nothing of adapters or HTTP routes beyond the readiness probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+
+import httpx
+
+log = logging.getLogger(__name__)
+backend_log = logging.getLogger("backend")
+
+
+class BackendProcess:
+    """The backend engine as a child process."""
+
+    def __init__(
+        self, argv: list[str], env: Mapping[str, str], *, label: str, raw_logs: bool = True
+    ) -> None:
+        self.argv = argv
+        self.env = dict(env)
+        self.label = label
+        self.raw_logs = raw_logs
+        self.tail: collections.deque[str] = collections.deque(maxlen=30)
+        self.process: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    async def start(self) -> None:
+        log.info("starting %s: %s", self.label, " ".join(self.argv))
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            env={**os.environ, **self.env},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._pump = asyncio.create_task(self._forward_logs())
+
+    async def _forward_logs(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        stream = self.process.stdout
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the stream limit: take what there is
+                line = await stream.read(65536)
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            self.tail.append(text)
+            if self.raw_logs:
+                sys.stderr.write(text + "\n")
+                sys.stderr.flush()
+            else:
+                backend_log.info(text)
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        code = await self.process.wait()
+        if self._pump is not None:
+            await asyncio.wait({self._pump}, timeout=2)
+        return code
+
+    async def wait_ready(self, client: httpx.AsyncClient, path: str) -> bool:
+        """Poll `path` until it answers 200 (True) or the process exits (False)."""
+        assert self.process is not None
+        while self.process.returncode is None:
+            try:
+                response = await client.get(path, timeout=5)
+                if response.status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            try:
+                await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=0.5)
+            except TimeoutError:
+                pass
+        return False
+
+    async def stop(self, *, grace: float = 20.0) -> int | None:
+        """SIGTERM the process group, then SIGKILL after `grace` seconds. Returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout=grace)
+            except TimeoutError:
+                log.warning("%s did not stop within %.0f s; killing it", self.label, grace)
+        # Whatever the leader did, leave no helper process of its group behind.
+        self._signal_group(signal.SIGKILL)
+        code = await self.wait()
+        return code
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
