@@ -55,6 +55,8 @@ class VLLMBackend(Backend):
         argv = [python, "-m", "vllm.entrypoints.openai.api_server"]
         argv += ["--model", spec.model, "--served-model-name", spec.served_name]
         argv += ["--host", spec.host, "--port", str(spec.port)]
+        if settings.log_level != "DEBUG":
+            argv.append("--disable-uvicorn-access-log")  # the gateway logs requests
         argv += list(profile.backend_args)
         tp = settings.tensor_parallel_size or profile.tp
         pp = settings.pipeline_parallel_size or profile.pp
@@ -77,7 +79,7 @@ class VLLMBackend(Backend):
         return argv
 
     def env(self, spec: StartSpec, *, settings: Settings, profile: Profile) -> dict[str, str]:
-        env = dict(profile.env)
+        env = {"VLLM_LOGGING_LEVEL": settings.log_level, **profile.env}
         if spec.dynamic:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
         return env

@@ -1,0 +1,98 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from entrypoint.adapters import scan_source
+from entrypoint.launch import build_launch_plan
+from entrypoint.profiles import find_profile, load_profiles
+from entrypoint.settings import ConfigError, load_settings
+from tests.conftest import copy_adapter, edit_config
+
+CPU_LORA = "vllm-cpu-bf16-tp1-pp1-feat_lora"
+
+
+@pytest.fixture
+def source(tmp_path, library) -> Path:
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    copy_adapter(library / "alpha", folder / "alpha")
+    copy_adapter(library / "beta", folder / "beta")
+    bad = copy_adapter(library / "gamma", folder / "gamma")
+    edit_config(bad, use_dora=True)
+    return folder
+
+
+def plan_for(monkeypatch, tiny_model, source, **env):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(tiny_model))
+    monkeypatch.setenv("NIM_SERVED_MODEL_NAME", "tiny")
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(source))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    profile = find_profile(load_profiles(), CPU_LORA)
+    adapters = scan_source(source, max_rank=settings.max_lora_rank, served_name="tiny")
+    return build_launch_plan(settings, profile, adapters, port=9999, python="python")
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_static_plan_passes_only_valid_adapters(monkeypatch, tiny_model, source):
+    plan = plan_for(monkeypatch, tiny_model, source, NIM_MAX_MODEL_LEN="512")
+    argv = plan.argv
+    assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert flag(argv, "--model") == str(tiny_model)
+    assert flag(argv, "--served-model-name") == "tiny"
+    assert (flag(argv, "--host"), flag(argv, "--port")) == ("127.0.0.1", "9999")
+    assert "--enable-lora" in argv
+    assert (flag(argv, "--max-loras"), flag(argv, "--max-cpu-loras")) == ("8", "16")
+    assert flag(argv, "--max-lora-rank") == "16"
+    assert flag(argv, "--max-model-len") == "512"
+    modules = argv[argv.index("--lora-modules") + 1:]
+    entries = [json.loads(m) for m in modules]
+    assert [e["name"] for e in entries] == ["alpha", "beta"]  # gamma (DoRA) is never passed
+    assert all(e["base_model_name"] == "tiny" for e in entries)
+    assert entries[0]["path"] == str(source / "alpha")
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plan.env
+    assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_dynamic_plan_enables_runtime_updates(monkeypatch, tiny_model, source):
+    plan = plan_for(monkeypatch, tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="5",
+                    NIM_MAX_GPU_LORAS="2", NIM_MAX_CPU_LORAS="4", NIM_MAX_LORA_RANK="64")
+    assert "--lora-modules" not in plan.argv
+    assert plan.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+    assert (flag(plan.argv, "--max-loras"), flag(plan.argv, "--max-cpu-loras")) == ("2", "4")
+    assert flag(plan.argv, "--max-lora-rank") == "64"
+
+
+def test_derived_rank_covers_the_adapters_present(monkeypatch, tiny_model, source, library):
+    copy_adapter(library / "big", source / "big")
+    plan = plan_for(monkeypatch, tiny_model, source)
+    assert plan.max_lora_rank == 64
+    assert flag(plan.argv, "--max-lora-rank") == "64"
+
+
+def test_passthrough_comes_last(monkeypatch, tiny_model, source):
+    plan = plan_for(monkeypatch, tiny_model, source, NIM_PASSTHROUGH_ARGS="--max-loras 3 --seed 1")
+    assert plan.argv[-4:] == ["--max-loras", "3", "--seed", "1"]
+
+
+def test_rank_vllm_does_not_allow(monkeypatch, tiny_model, source):
+    with pytest.raises(ConfigError, match=r"^NIM_MAX_LORA_RANK=24: vLLM allows only 1, 8, 16"):
+        plan_for(monkeypatch, tiny_model, source, NIM_MAX_LORA_RANK="24")
+
+
+def test_unknown_profile_lists_known_names():
+    with pytest.raises(ConfigError) as info:
+        find_profile(load_profiles(), "vllm-fp64-tp3")
+    assert str(info.value).startswith("NIM_MODEL_PROFILE=vllm-fp64-tp3: no such profile")
+    assert CPU_LORA in str(info.value)
+
+
+def test_profile_by_id(monkeypatch):
+    profile = find_profile(load_profiles(), CPU_LORA)
+    assert len(profile.id) == 64
+    assert find_profile(load_profiles(), profile.id).name == CPU_LORA

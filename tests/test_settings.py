@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+
+from entrypoint.settings import ConfigError, load_settings
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    return folder
+
+
+def test_reads_nim_variables(monkeypatch, model_dir, tmp_path):
+    monkeypatch.setenv("NIM_MODEL_PATH", str(model_dir))
+    monkeypatch.setenv("NIM_SERVED_MODEL_NAME", "base")
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(tmp_path))
+    monkeypatch.setenv("NIM_PEFT_REFRESH_INTERVAL", "2.5")
+    monkeypatch.setenv("NIM_MAX_GPU_LORAS", "4")
+    monkeypatch.setenv("NIM_JSONL_LOGGING", "yes")
+    monkeypatch.setenv("NIM_PASSTHROUGH_ARGS", "--seed 7 --enforce-eager")
+    settings = load_settings()
+    assert settings.model_name == str(model_dir)
+    assert settings.served_name == "base"
+    assert settings.dynamic and settings.peft_refresh_interval == 2.5
+    assert settings.max_gpu_loras == 4 and settings.cpu_loras == 16
+    assert settings.jsonl_logging is True
+    assert settings.passthrough == ["--seed", "7", "--enforce-eager"]
+
+
+def test_static_mode_without_interval(monkeypatch, model_dir, tmp_path):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(model_dir))
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(tmp_path))
+    settings = load_settings()
+    assert not settings.dynamic
+    assert settings.served_name == str(model_dir)
+
+
+def test_command_line_overrides_environment(monkeypatch, model_dir):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(model_dir))
+    monkeypatch.setenv("NIM_SERVER_PORT", "9000")
+    assert load_settings(server_port=9100).server_port == 9100
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("NIM_PEFT_REFRESH_INTERVAL", "soon", "NIM_PEFT_REFRESH_INTERVAL=soon: must be a number"),
+        ("NIM_PEFT_REFRESH_INTERVAL", "-5", "NIM_PEFT_REFRESH_INTERVAL=-5: must be a number of "
+         "seconds above 0"),
+        ("NIM_SERVER_PORT", "70000", "NIM_SERVER_PORT=70000: must be a TCP port"),
+        ("NIM_SERVER_PORT", "http", "NIM_SERVER_PORT=http: must be a whole number"),
+        ("NIM_MAX_GPU_LORAS", "0", "NIM_MAX_GPU_LORAS=0: must be a whole number of at least 1"),
+        ("NIM_JSONL_LOGGING", "maybe", "NIM_JSONL_LOGGING=maybe: expected one of"),
+        ("NIM_LOG_LEVEL", "loud", "NIM_LOG_LEVEL=loud: must be one of"),
+        ("NIM_PEFT_SOURCE", "/no/such/folder", "NIM_PEFT_SOURCE=/no/such/folder: no such folder"),
+    ],
+)
+def test_bad_values_name_the_variable(monkeypatch, model_dir, tmp_path, variable, value,
+                                      expected):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(model_dir))
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(tmp_path))
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_missing_model_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match=r"^NIM_MODEL_NAME=.*absent: no such folder"):
+        load_settings()
+
+
+def test_model_is_required(monkeypatch):
+    with pytest.raises(ConfigError, match="^NIM_MODEL_NAME is not set"):
+        load_settings()
+
+
+def test_cpu_loras_below_gpu_loras(monkeypatch, model_dir):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(model_dir))
+    monkeypatch.setenv("NIM_MAX_GPU_LORAS", "8")
+    monkeypatch.setenv("NIM_MAX_CPU_LORAS", "4")
+    with pytest.raises(ConfigError, match="NIM_MAX_CPU_LORAS=4 is below NIM_MAX_GPU_LORAS=8"):
+        load_settings()
+
+
+def test_interval_needs_a_source(monkeypatch, model_dir):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(model_dir))
+    monkeypatch.setenv("NIM_PEFT_REFRESH_INTERVAL", "5")
+    with pytest.raises(ConfigError, match="NIM_PEFT_SOURCE is not"):
+        load_settings()
