@@ -73,11 +73,17 @@ class BackendProcess:
                 backend_log.info(text)
 
     async def wait(self) -> int:
+        """The child's exit code, as soon as it exits.
+
+        `asyncio.subprocess.Process.wait()` also waits for the output pipe to close, which never
+        happens while an orphaned helper (vLLM's engine core) still holds it; so poll instead.
+        """
         assert self.process is not None
-        code = await self.process.wait()
+        while self.process.returncode is None:
+            await asyncio.sleep(0.1)
         if self._pump is not None:
-            await asyncio.wait({self._pump}, timeout=2)
-        return code
+            await asyncio.wait({self._pump}, timeout=1)
+        return self.process.returncode
 
     async def wait_ready(self, client: httpx.AsyncClient, path: str) -> bool:
         """Poll `path` until it answers 200 (True) or the process exits (False)."""
@@ -89,10 +95,7 @@ class BackendProcess:
                     return True
             except httpx.HTTPError:
                 pass
-            try:
-                await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=0.5)
-            except TimeoutError:
-                pass
+            await asyncio.sleep(0.5)
         return False
 
     async def stop(self, *, grace: float = 20.0) -> int | None:
@@ -102,13 +105,12 @@ class BackendProcess:
         if self.process.returncode is None:
             self._signal_group(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.process.wait(), timeout=grace)
+                await asyncio.wait_for(self.wait(), timeout=grace)
             except TimeoutError:
                 log.warning("%s did not stop within %.0f s; killing it", self.label, grace)
         # Whatever the leader did, leave no helper process of its group behind.
         self._signal_group(signal.SIGKILL)
-        code = await self.wait()
-        return code
+        return await self.wait()
 
     def _signal_group(self, sig: int) -> None:
         assert self.process is not None

@@ -1,0 +1,79 @@
+"""The CLI as a user meets it: bad configuration fails fast with one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent / "lora-entrypoint"
+
+
+def run(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+    start = time.monotonic()
+    result = subprocess.run([str(BIN), "serve", *args], env={**clean, **env},
+                            capture_output=True, text=True, timeout=60)
+    return result, time.monotonic() - start
+
+
+@pytest.fixture
+def base_env(tiny_model, tmp_path) -> dict[str, str]:
+    (tmp_path / "loras").mkdir()
+    return {"NIM_MODEL_NAME": str(tiny_model), "NIM_PEFT_SOURCE": str(tmp_path / "loras")}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NIM_PEFT_SOURCE": "/no/such/loras"}, "error: NIM_PEFT_SOURCE=/no/such/loras: no such "
+         "folder; create it or mount your adapter folder there"),
+        ({"NIM_PEFT_REFRESH_INTERVAL": "ten"}, "error: NIM_PEFT_REFRESH_INTERVAL=ten: must be a "
+         "number"),
+        ({"NIM_PEFT_REFRESH_INTERVAL": "-1"}, "error: NIM_PEFT_REFRESH_INTERVAL=-1: must be a "
+         "number of seconds above 0"),
+        ({"NIM_MAX_LORA_RANK": "48"}, "error: NIM_MAX_LORA_RANK=48: vLLM allows only 1, 8, 16, "
+         "32, 64, 128, 256, 320, 512"),
+        ({"NIM_MODEL_PROFILE": "trtllm-fp8"}, "error: NIM_MODEL_PROFILE=trtllm-fp8: no such "
+         "profile; known profiles: vllm-cpu-bf16-tp1-pp1, vllm-cpu-bf16-tp1-pp1-feat_lora"),
+        ({"NIM_SERVER_PORT": "port"}, "error: NIM_SERVER_PORT=port: must be a whole number"),
+        ({"NIM_SERVER_PORT": "0"}, "error: NIM_SERVER_PORT=0: must be a TCP port"),
+    ],
+)
+def test_bad_configuration_fails_fast_with_one_line(base_env, env, message):
+    result, took = run({**base_env, **env})
+    assert result.returncode == 2
+    assert took < 10
+    assert result.stderr.strip().startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_busy_port_is_reported_before_the_backend_starts(base_env):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result, took = run({**base_env, "NIM_SERVER_PORT": str(port)}, "--host", "127.0.0.1")
+    assert result.returncode == 2 and took < 15
+    assert f"error: NIM_SERVER_PORT={port}: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "starting vllm" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dry_run_prints_the_plan(base_env, library, tmp_path):
+    loras = Path(base_env["NIM_PEFT_SOURCE"])
+    (loras / "alpha").symlink_to(library / "alpha")
+    result, _ = run({**base_env, "NIM_PEFT_REFRESH_INTERVAL": "3"}, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["profile"]["name"] == "vllm-cpu-bf16-tp1-pp1-feat_lora"
+    assert plan["backend"] == "vllm"
+    assert plan["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+    assert [a["name"] for a in plan["adapters"]] == ["alpha"]
