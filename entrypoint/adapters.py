@@ -11,6 +11,7 @@ import json
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 MAX_CONFIG_BYTES = 1 << 20
 # modules_to_save entries vLLM accepts (it only keeps classifier heads).
 ALLOWED_MODULES_TO_SAVE = {"classifier", "score"}
+RECENT_WRITE_SECS = 2.0
 REFUSED_INIT = ("pissa", "olora", "loftq", "corda", "eva")
 
 
@@ -122,6 +124,14 @@ def zip_problem(path: Path) -> str | None:
     return None
 
 
+def _recently_written(path: Path) -> bool:
+    """True when `path` changed in the last few seconds (a copy may still be writing it)."""
+    try:
+        return time.time() - path.stat().st_mtime < RECENT_WRITE_SECS
+    except OSError:
+        return False
+
+
 def config_problem(config: dict, *, max_rank: int | None) -> str | None:
     """None when vLLM would accept this adapter_config.json; otherwise why not."""
     missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
@@ -152,11 +162,15 @@ def config_problem(config: dict, *, max_rank: int | None) -> str | None:
 
 
 def inspect_folder(
-    path: Path, *, max_rank: int | None = None, served_name: str | None = None
+    path: Path,
+    *,
+    max_rank: int | None = None,
+    served_name: str | None = None,
+    _stat: tuple[str, int, list[os.DirEntry]] | None = None,
 ) -> AdapterFolder:
     """Validate one adapter folder and describe it."""
     name = path.name
-    fingerprint, size, entries = _stat_fingerprint(path)
+    fingerprint, size, entries = _stat or _stat_fingerprint(path)
     base = {"name": name, "path": path, "fingerprint": fingerprint, "size": size}
     if not NAME_PATTERN.match(name):
         return AdapterFolder(
@@ -181,6 +195,9 @@ def inspect_folder(
     except (OSError, ValueError, UnicodeDecodeError):
         config = None
     if config is None:
+        if _recently_written(path / CONFIG_FILE):
+            return AdapterFolder(**base, pending=True,
+                                 problem="incomplete: adapter_config.json still being written")
         return AdapterFolder(**base, problem="adapter_config.json is not valid JSON")
     if not isinstance(config, dict):
         return AdapterFolder(**base, problem="adapter_config.json is not a JSON object")
@@ -210,12 +227,40 @@ def scan_source(
     source: Path, *, max_rank: int | None = None, served_name: str | None = None
 ) -> list[AdapterFolder]:
     """Every adapter folder directly under `source` (hidden ones skipped), sorted by name."""
-    folders = []
-    try:
-        with os.scandir(source) as it:
-            entries = [e for e in it if not e.name.startswith(".") and e.is_dir()]
-    except OSError:
-        return []
-    for entry in sorted(entries, key=lambda e: e.name):
-        folders.append(inspect_folder(Path(entry.path), max_rank=max_rank, served_name=served_name))
-    return folders
+    return AdapterScanner(source, max_rank=max_rank, served_name=served_name).scan()
+
+
+class AdapterScanner:
+    """Scans a source folder again and again; re-reads a folder only when its fingerprint moves.
+
+    A pass over unchanged folders costs one `scandir` per folder and one `stat` per file. Results
+    are kept only for folders that still exist, so memory follows the folder, not its history.
+    """
+
+    def __init__(
+        self, source: Path, *, max_rank: int | None = None, served_name: str | None = None
+    ) -> None:
+        self.source = source
+        self.max_rank = max_rank
+        self.served_name = served_name
+        self._known: dict[str, AdapterFolder] = {}
+
+    def scan(self) -> list[AdapterFolder]:
+        try:
+            with os.scandir(self.source) as it:
+                entries = [e for e in it if not e.name.startswith(".") and e.is_dir()]
+        except OSError:
+            entries = []
+        known: dict[str, AdapterFolder] = {}
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = Path(entry.path)
+            stat = _stat_fingerprint(path)
+            old = self._known.get(entry.name)
+            if old is not None and old.fingerprint == stat[0] and not old.pending:
+                known[entry.name] = old
+            else:
+                known[entry.name] = inspect_folder(
+                    path, max_rank=self.max_rank, served_name=self.served_name, _stat=stat
+                )
+        self._known = known
+        return list(known.values())

@@ -33,9 +33,9 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_CONFIG)
 
 
-def _settings(**overrides: Any) -> Settings:
+def _settings(*, need_model: bool = True, **overrides: Any) -> Settings:
     try:
-        return load_settings(**overrides)
+        return load_settings(need_model=need_model, **overrides)
     except ConfigError as exc:
         fail(str(exc))
         raise  # unreachable
@@ -102,6 +102,43 @@ def serve(
         typer.echo(json.dumps(described, indent=2))
         return
     _run_service(settings, host=host, backend_port=backend_port)
+
+
+@app.command("check-adapters")
+def check_adapters(
+    folder: Annotated[
+        Path | None, typer.Argument(help="Adapter folder (default: NIM_PEFT_SOURCE).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Validate adapter folders exactly as the watcher does; exit 1 if any is invalid."""
+    from .adapters import scan_source
+    from .backends import get_backend
+
+    settings = _settings(need_model=False, peft_source=folder)
+    if settings.peft_source is None:
+        fail("no adapter folder: pass DIR or set NIM_PEFT_SOURCE")
+        return
+    # Unset NIM_MAX_LORA_RANK: the server derives a rank covering the adapters, up to the most
+    # the backend allows.
+    max_rank = settings.max_lora_rank or get_backend("vllm").allowed_ranks[-1]
+    adapters = scan_source(settings.peft_source, max_rank=max_rank,
+                           served_name=settings.served_model_name)
+    if as_json:
+        typer.echo(json.dumps([
+            {"name": a.name, "valid": a.valid, "pending": a.pending, "rank": a.rank,
+             "target_modules": list(a.target_modules), "size": a.size,
+             "fingerprint": a.fingerprint, "path": str(a.path), "reason": a.problem}
+            for a in adapters
+        ], indent=1))
+    else:
+        for a in adapters:
+            status = "ok" if a.valid else "pending" if a.pending else "invalid"
+            detail = f"rank {a.rank}" if a.valid else a.problem
+            typer.echo(f"{a.name}\t{status}\t{detail}")
+        invalid = sum(not a.valid for a in adapters)
+        typer.echo(f"{len(adapters)} adapters, {invalid} not valid", err=True)
+    raise typer.Exit(1 if any(not a.valid for a in adapters) else 0)
 
 
 @app.command()

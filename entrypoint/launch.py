@@ -7,7 +7,9 @@ Starts nothing and reads no files, so it is testable on its own and printable
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .adapters import AdapterFolder
 from .backends import Backend, StartSpec, get_backend
@@ -29,6 +31,7 @@ class LaunchPlan:
     port: int
     max_lora_rank: int
     static_adapters: tuple[AdapterFolder, ...] = field(default=())
+    static_paths: tuple[tuple[str, Path], ...] = field(default=())  # name -> path it loads
 
     def describe(self) -> dict:
         return {
@@ -57,8 +60,13 @@ def build_launch_plan(
     *,
     port: int,
     python: str = sys.executable,
+    load_paths: Mapping[str, Path] | None = None,
 ) -> LaunchPlan:
-    """The backend's argv and env. Only valid adapters are ever passed at start."""
+    """The backend's argv and env. Only valid adapters are ever passed at start.
+
+    `load_paths` maps static adapters to the snapshot they are served from (default: their
+    folders, as `serve --dry-run` shows them).
+    """
     backend = get_backend(profile.backend)
     backend.check_settings(settings)
     if settings.peft_source is not None and not profile.lora:
@@ -74,7 +82,9 @@ def build_launch_plan(
         host=BACKEND_HOST,
         port=port,
         max_lora_rank=max_rank,
-        static_adapters=() if settings.dynamic else static,
+        static_adapters=() if settings.dynamic else tuple(
+            (a.name, (load_paths or {}).get(a.name, a.path)) for a in static
+        ),
         dynamic=settings.dynamic,
     )
     argv = backend.argv(spec, settings=settings, profile=profile, python=python)
@@ -87,5 +97,6 @@ def build_launch_plan(
         env=env,
         port=port,
         max_lora_rank=max_rank,
-        static_adapters=spec.static_adapters,
+        static_adapters=() if settings.dynamic else static,
+        static_paths=spec.static_adapters,
     )

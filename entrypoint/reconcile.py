@@ -2,13 +2,14 @@
 
 Level-triggered: each pass looks at the whole folder and the backend's whole adapter list, so
 running it twice changes nothing. Work is sequential per name and parallel across names (bounded).
-Scanning happens in a thread; backend calls go through the backend module only.
+File work (scans, snapshots) runs in threads; backend calls go through the backend module only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,14 +17,16 @@ from pathlib import Path
 
 import httpx
 
-from .adapters import AdapterFolder, scan_source
+from .adapters import AdapterFolder, AdapterScanner
 from .backends import Backend, Outcome
 from .registry import AdapterRecord, Registry, State
+from .snapshots import SnapshotChanged, SnapshotStore
 
 log = logging.getLogger(__name__)
 
 RETRY_BASE_SECS = 0.5
 RETRY_MAX_SECS = 30.0
+SETTLE_SECS = 0.2  # look again this soon after catching a folder mid-change
 
 
 class Reconciler:
@@ -38,15 +41,15 @@ class Reconciler:
         source: Path,
         served_name: str,
         max_rank: int | None,
+        snapshots: SnapshotStore | None = None,
         parallel: int = 8,
         wake: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self.client = client
         self.registry = registry
-        self.source = source
-        self.served_name = served_name
-        self.max_rank = max_rank
+        self.scanner = AdapterScanner(source, max_rank=max_rank, served_name=served_name)
+        self.snapshots = snapshots
         self._slots = asyncio.Semaphore(parallel)
         self._work: dict[str, asyncio.Task[None]] = {}
         self._retry: dict[str, tuple[int, float]] = {}  # name -> (attempts, not before)
@@ -55,16 +58,16 @@ class Reconciler:
         self._pass = asyncio.Lock()
         self._wake = wake or (lambda: None)
         self.passes = 0
+        self.last_scan_secs = 0.0
 
     # ---- passes ----
-
-    def scan(self) -> list[AdapterFolder]:
-        return scan_source(self.source, max_rank=self.max_rank, served_name=self.served_name)
 
     async def sync(self) -> None:
         """One pass: scan, compare, and start per-name work for every name that needs it."""
         async with self._pass:
-            folders = await asyncio.to_thread(self.scan)
+            started = time.perf_counter()
+            folders = await asyncio.to_thread(self.scanner.scan)
+            self.last_scan_secs = time.perf_counter() - started
             try:
                 actual: dict[str, str] | None = await self.backend.loaded(self.client)
             except (httpx.HTTPError, ValueError) as exc:
@@ -101,7 +104,9 @@ class Reconciler:
         if folder is None:
             return record is not None
         if not folder.valid:
-            return True  # cheap: only records the state
+            # Only records the state; nothing to do when that is already recorded.
+            return (record is None or record.version != folder.fingerprint
+                    or record.reason != folder.problem)
         if self._refused.get(name) == folder.fingerprint:
             return False  # refused: failed until its files change
         if record is None or record.loaded_path is None:
@@ -136,7 +141,7 @@ class Reconciler:
             if record.reason != reason:
                 log.warning("adapter %s: new files not loaded (%s); still serving the previous "
                             "version", folder.name, reason)
-            self.registry.put(replace(record, reason=reason))
+            self.registry.put(replace(record, version=folder.fingerprint, reason=reason))
             return
         state = State.PENDING if folder.pending else State.FAILED
         self.registry.put(AdapterRecord(name=folder.name, state=state, source=folder.path,
@@ -148,21 +153,37 @@ class Reconciler:
             verb = "waiting" if folder.pending else "skipped"
             log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.path)
 
+    async def _snapshot(self, folder: AdapterFolder) -> Path | None:
+        """The path to load from: a fresh snapshot, or None when the folder is mid-change."""
+        if self.snapshots is None:
+            return folder.path
+        try:
+            return await asyncio.to_thread(self.snapshots.take, folder)
+        except (SnapshotChanged, OSError) as exc:
+            log.info("adapter %s: files changed while taking a snapshot (%s); looking again",
+                     folder.name, exc)
+            asyncio.get_running_loop().call_later(SETTLE_SECS, self._wake)
+            return None
+
     async def _load(self, folder: AdapterFolder, actual: dict[str, str] | None) -> None:
         name = folder.name
         record = self.registry.get(name)
         serving = record is not None and record.loaded_path is not None
-        in_backend = actual is not None and name in actual
-        inplace = serving and in_backend
+        inplace = serving and actual is not None and name in actual
         base = record or AdapterRecord(name=name, state=State.LOADING)
         self.registry.put(replace(base, state=State.LOADING, source=folder.path,
-                                version=folder.fingerprint, rank=folder.rank, size=folder.size,
-                                reason=""))
-        path = folder.path
+                                  version=folder.fingerprint, rank=folder.rank, size=folder.size,
+                                  reason=""))
+        path = await self._snapshot(folder)
+        if path is None:
+            state = State.READY if serving else State.PENDING
+            self.registry.update(name, state=state, reason="files changing; looking again")
+            return
         started = time.monotonic()
         reply = await self.backend.load(self.client, name, path, replace=inplace)
         if reply.outcome is Outcome.ALREADY_LOADED:
             reply = await self.backend.load(self.client, name, path, replace=True)
+        old_path = record.loaded_path if serving and record else None
         if reply.outcome is Outcome.DONE:
             self._forget(name)
             self.registry.update(name, state=State.READY, loaded_path=path,
@@ -170,17 +191,22 @@ class Reconciler:
             log.info("adapter %s: %s in %.0f ms (rank %s, %s)", name,
                      "reloaded" if inplace else "loaded",
                      (time.monotonic() - started) * 1000, folder.rank, folder.path)
-        elif reply.outcome is Outcome.REFUSED:
+            if old_path is not None and old_path != path:
+                await self._release(old_path)
+            return
+        if path != old_path:
+            await self._release(path)
+        if reply.outcome is Outcome.REFUSED:
             self._retry.pop(name, None)
             self._fail(folder, record if serving else None, reply.message)
+            return
+        self._schedule_retry(name, reply.message)
+        if serving:
+            self.registry.update(name, state=State.READY,
+                                 reason=f"reload will be retried: {reply.message}")
         else:
-            self._schedule_retry(name, reply.message)
-            if serving:
-                self.registry.update(name, state=State.READY, reason=f"reload will be retried: "
-                                     f"{reply.message}")
-            else:
-                self.registry.update(name, state=State.PENDING,
-                                     reason=f"load will be retried: {reply.message}")
+            self.registry.update(name, state=State.PENDING,
+                                 reason=f"load will be retried: {reply.message}")
 
     def _fail(self, folder: AdapterFolder, serving: AdapterRecord | None, message: str) -> None:
         reason = f"refused by the backend: {message}"
@@ -188,7 +214,8 @@ class Reconciler:
         log.warning("adapter %s: %s (%s)", folder.name, reason, folder.path)
         if serving is not None:
             reason = f"new files {reason}; still serving the previous version"
-            self.registry.put(replace(serving, state=State.READY, reason=reason))
+            self.registry.put(replace(serving, state=State.READY, version=folder.fingerprint,
+                                      reason=reason))
         else:
             self.registry.update(folder.name, state=State.FAILED, reason=reason,
                                  loaded_path=None)
@@ -207,8 +234,17 @@ class Reconciler:
             self.registry.drop(name)
             self._forget(name)
             log.info("adapter %s: unloaded (folder removed)", name)
+            await self._release(record.loaded_path)
         else:
             self._schedule_retry(name, reply.message)
+
+    async def _release(self, path: Path) -> None:
+        """Delete a snapshot that no adapter serves any more (never a user's folder)."""
+        if self.snapshots is None or path.parent != self.snapshots.root:
+            return
+        if any(r.loaded_path == path for r in self.registry.records()):
+            return
+        await asyncio.to_thread(shutil.rmtree, path, True)
 
     def _forget(self, name: str) -> None:
         self._retry.pop(name, None)

@@ -24,7 +24,9 @@ from .profiles import load_profiles, select_profile
 from .reconcile import Reconciler
 from .registry import AdapterRecord, Registry, State
 from .settings import ConfigError, Settings
+from .snapshots import SnapshotChanged, SnapshotStore
 from .supervisor import BackendProcess
+from .watcher import FolderWatcher
 
 log = logging.getLogger("entrypoint")
 
@@ -47,8 +49,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def resolve(settings: Settings, *, backend_port: int | None = None) -> Startup:
-    """Settings -> profile -> adapters at start -> launch plan. Raises `ConfigError`."""
+def resolve(
+    settings: Settings,
+    *,
+    backend_port: int | None = None,
+    snapshots: SnapshotStore | None = None,
+) -> Startup:
+    """Settings -> profile -> adapters at start -> launch plan. Raises `ConfigError`.
+
+    With `snapshots`, static adapters are served from snapshots taken now (a dry run takes none).
+    """
     profiles = load_profiles()
     profile = select_profile(
         profiles, wanted=settings.model_profile, lora=settings.peft_source is not None
@@ -59,12 +69,31 @@ def resolve(settings: Settings, *, backend_port: int | None = None) -> Startup:
             settings.peft_source, max_rank=settings.max_lora_rank,
             served_name=settings.served_name,
         )
-    plan = build_launch_plan(settings, profile, adapters, port=backend_port or free_port())
+    port = backend_port or free_port()
+    plan = build_launch_plan(settings, profile, adapters, port=port)
     if settings.max_lora_rank is None and settings.peft_source is not None:
         # Re-check the start-time adapters against the derived rank.
         adapters = scan_source(settings.peft_source, max_rank=plan.max_lora_rank,
                                served_name=settings.served_name)
+    if snapshots is not None and plan.static_adapters:
+        paths = {}
+        for folder in plan.static_adapters:
+            try:
+                paths[folder.name] = snapshots.take(folder)
+            except (SnapshotChanged, OSError) as exc:
+                log.warning("adapter %s: skipped: changed while starting (%s)", folder.name, exc)
+        adapters = [a for a in adapters if a.name in paths or not a.valid]
+        plan = build_launch_plan(settings, profile, [a for a in adapters if a.name in paths],
+                                 port=port, load_paths=paths)
     return Startup(settings=settings, plan=plan, adapters=adapters)
+
+
+def snapshot_store(settings: Settings) -> SnapshotStore:
+    """This instance's snapshot folder: one per host and public port, emptied at start."""
+    instance = f"{socket.gethostname()}-{settings.server_port}"
+    store = SnapshotStore(settings.cache_path.expanduser().resolve() / "snapshots" / instance)
+    store.collect(keep=set())
+    return store
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -102,6 +131,7 @@ class Service:
         *,
         host: str = "0.0.0.0",
         on_ready: Callable[[], None] | None = None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.startup = startup
         self.on_ready = on_ready
@@ -110,7 +140,6 @@ class Service:
         self.host = host
         self.registry = Registry()
         self.stopping = asyncio.Event()
-        self.wake = asyncio.Event()
         self.process = BackendProcess(
             self.plan.argv, self.plan.env, label=self.plan.backend.name,
             raw_logs=not self.settings.jsonl_logging,
@@ -132,17 +161,22 @@ class Service:
             client=self.proxy_client,
             static_mode=not self.settings.dynamic,
         )
+        self.snapshots = snapshots
         self.reconciler: Reconciler | None = None
-        if self.settings.dynamic and self.settings.peft_source is not None:
+        self.watcher: FolderWatcher | None = None
+        source, interval = self.settings.peft_source, self.settings.peft_refresh_interval
+        if source is not None and interval is not None:
             self.reconciler = Reconciler(
                 backend=self.plan.backend,
                 client=self.client,
                 registry=self.registry,
-                source=self.settings.peft_source,
+                source=source,
                 served_name=self.settings.served_name,
                 max_rank=self.plan.max_lora_rank,
-                wake=self.wake.set,
+                snapshots=snapshots,
+                wake=lambda: self.watcher and self.watcher.poke(),
             )
+            self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -166,6 +200,8 @@ class Service:
             await self.client.aclose()
             await self.proxy_client.aclose()
             sock.close()
+            if self.snapshots is not None:  # nothing serves them any more
+                await asyncio.to_thread(self.snapshots.remove_all)
 
     def _on_signal(self, sig: int) -> None:
         if not self.stopping.is_set():
@@ -194,7 +230,7 @@ class Service:
                  len(self.registry.ready_names()), self.settings.server_port)
         if self.on_ready is not None:
             self.on_ready()
-        watcher = asyncio.create_task(self._watch()) if self.reconciler else None
+        watcher = asyncio.create_task(self.watcher.run()) if self.watcher else None
         await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
         self.gateway.ready = False
         if watcher is not None:
@@ -215,10 +251,11 @@ class Service:
             await self.reconciler.wait_idle()
             return
         # Static mode: the backend loaded the valid adapters at start.
+        served = dict(self.plan.static_paths)
         for folder in self.startup.adapters:
-            if folder.valid and folder in self.plan.static_adapters:
+            if folder.valid and folder.name in served:
                 record = AdapterRecord(name=folder.name, state=State.READY, source=folder.path,
-                                       loaded_path=folder.path, version=folder.fingerprint,
+                                       loaded_path=served[folder.name], version=folder.fingerprint,
                                        loaded_version=folder.fingerprint, rank=folder.rank,
                                        size=folder.size)
             else:
@@ -232,16 +269,6 @@ class Service:
             log.info("static mode: NIM_PEFT_REFRESH_INTERVAL is unset, so changes to %s are "
                      "ignored until a restart", self.settings.peft_source)
 
-    async def _watch(self) -> None:
-        assert self.reconciler is not None and self.settings.peft_refresh_interval is not None
-        interval = self.settings.peft_refresh_interval
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=interval)
-            self.wake.clear()
-            await self.reconciler.sync()
-
-
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
 
@@ -254,10 +281,11 @@ def serve(
     on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Resolve, then run until a signal or the backend's death. Returns the exit code."""
-    startup = resolve(settings, backend_port=backend_port)
+    snapshots = snapshot_store(settings)
+    startup = resolve(settings, backend_port=backend_port, snapshots=snapshots)
 
     async def main() -> int:
-        return await Service(startup, host=host, on_ready=on_ready).run()
+        return await Service(startup, host=host, on_ready=on_ready, snapshots=snapshots).run()
 
     return asyncio.run(main())
 

@@ -206,19 +206,22 @@ class Settings(BaseSettings):
     def passthrough(self) -> list[str]:
         return shlex.split(self.passthrough_args) if self.passthrough_args else []
 
-    def check_paths(self) -> None:
+    def check_paths(self, *, need_model: bool = True) -> None:
         """Checks that need the file system; raises `ConfigError`."""
-        if not self.model_name:
+        if not need_model:
+            pass
+        elif not self.model_name:
             raise ConfigError(
                 "NIM_MODEL_NAME is not set: point it (or NIM_MODEL_PATH) at the base model folder"
             )
-        model = Path(self.model_name).expanduser()
-        looks_local = self.model_name.startswith(("/", ".", "~")) or model.exists()
-        if looks_local and not model.is_dir():
-            raise ConfigError(
-                f"NIM_MODEL_NAME={self.model_name}: no such folder; mount the model there or fix "
-                "the path"
-            )
+        else:
+            model = Path(self.model_name).expanduser()
+            looks_local = self.model_name.startswith(("/", ".", "~")) or model.exists()
+            if looks_local and not model.is_dir():
+                raise ConfigError(
+                    f"NIM_MODEL_NAME={self.model_name}: no such folder; mount the model there or "
+                    "fix the path"
+                )
         if self.peft_source is not None:
             source = self.peft_source.expanduser()
             if not source.exists():
@@ -258,12 +261,12 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{name}{shown}: {message}"
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(*, need_model: bool = True, **overrides: Any) -> Settings:
     """Read the environment (and command-line overrides) into `Settings`; `ConfigError` if bad."""
     overrides = {key: value for key, value in overrides.items() if value is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc.errors()[0])) from None
-    settings.check_paths()
+    settings.check_paths(need_model=need_model)
     return settings

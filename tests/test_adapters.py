@@ -1,5 +1,7 @@
 import json
+import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -98,10 +100,33 @@ def test_missing_required_keys(library, source):
     assert inspect_folder(folder).problem == "adapter_config.json lacks lora_alpha, target_modules"
 
 
-def test_bad_json(library, source):
+def test_bad_json_is_pending_while_fresh_then_invalid(library, source):
     folder = copy_adapter(library / "alpha", source / "alpha")
-    (folder / "adapter_config.json").write_text("{broken")
-    assert inspect_folder(folder).problem == "adapter_config.json is not valid JSON"
+    config = folder / "adapter_config.json"
+    config.write_text("{broken")
+    fresh = inspect_folder(folder)
+    assert fresh.pending and "still being written" in fresh.problem
+    old = time.time() - 60
+    os.utime(config, (old, old))
+    stale = inspect_folder(folder)
+    assert not stale.pending and stale.problem == "adapter_config.json is not valid JSON"
+
+
+def test_scanner_rereads_only_changed_folders(library, source, monkeypatch):
+    from entrypoint import adapters
+
+    for name in ("alpha", "beta"):
+        copy_adapter(library / name, source / name)
+    scanner = adapters.AdapterScanner(source, max_rank=16)
+    first = scanner.scan()
+    reads = []
+    original = adapters.inspect_folder
+    monkeypatch.setattr(adapters, "inspect_folder",
+                        lambda path, **kw: reads.append(path.name) or original(path, **kw))
+    assert scanner.scan() == first and reads == []
+    (source / "beta" / "README.md").write_text("changed")
+    names = [f.name for f in scanner.scan()]
+    assert names == ["alpha", "beta"] and reads == ["beta"]
 
 
 @pytest.mark.parametrize("name", ["has space", "with:colon", "ümlaut"])

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, ClassVar
 import httpx
 
 if TYPE_CHECKING:
-    from ..adapters import AdapterFolder
     from ..profiles import Profile
     from ..settings import Settings
 
@@ -46,7 +45,7 @@ class StartSpec:
     host: str
     port: int
     max_lora_rank: int
-    static_adapters: tuple[AdapterFolder, ...]
+    static_adapters: tuple[tuple[str, Path], ...]  # (name, path to load from)
     dynamic: bool
 
 

@@ -71,10 +71,10 @@ class VLLMBackend(Backend):
             argv.append("--lora-modules")
             argv += [
                 json.dumps(
-                    {"name": a.name, "path": str(a.path), "base_model_name": spec.served_name},
+                    {"name": name, "path": str(path), "base_model_name": spec.served_name},
                     separators=(",", ":"),
                 )
-                for a in spec.static_adapters
+                for name, path in spec.static_adapters
             ]
         return argv
 

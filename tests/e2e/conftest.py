@@ -30,11 +30,13 @@ class Server:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
         self.log_path = log
+        self.cache = log.parent / "cache"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("NIM_")},
             "HF_HUB_OFFLINE": "1",
             "NIM_SERVER_PORT": str(self.port),
             "NIM_MAX_MODEL_LEN": "512",
+            "NIM_CACHE_PATH": str(self.cache),
             **env,
         }
         self.url = f"http://127.0.0.1:{self.port}"
@@ -71,6 +73,10 @@ class Server:
 
     def models(self) -> list[str]:
         return [m.id for m in self.openai.models.list().data]
+
+    def snapshots(self) -> list[str]:
+        """Names of the snapshot folders this server keeps."""
+        return sorted(p.name for p in self.cache.glob("snapshots/*/*") if p.is_dir())
 
     def complete(self, model: str, prompt: str = "Hello world", tokens: int = 12) -> str:
         result = self.openai.completions.create(

@@ -1,0 +1,180 @@
+"""Hot reload on the real vLLM CPU build: half-copied folders, changed weights, instant reaction.
+
+The refresh interval is 120 s, so anything that happens within seconds happened through
+file-system events, not the poll.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import copy_adapter
+
+pytestmark = pytest.mark.e2e
+LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, library):
+    folder = tmp_path_factory.mktemp("hot") / "loras"
+    folder.mkdir()
+    copy_adapter(library / "alpha", folder / "alpha")
+    copy_adapter(library / "beta", folder / "beta")
+    copy_adapter(library / "gamma", folder / "gamma")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(serve_factory, tiny_model, source):
+    return serve_factory(
+        {
+            "NIM_MODEL_NAME": str(tiny_model),
+            "NIM_SERVED_MODEL_NAME": "tiny",
+            "NIM_PEFT_SOURCE": str(source),
+            "NIM_PEFT_REFRESH_INTERVAL": "120",
+            "NIM_MAX_LORA_RANK": "16",
+        },
+        name="hot",
+    ).wait_ready()
+
+
+def error_of(server, model: str) -> str | None:
+    try:
+        server.complete(model, tokens=1)
+    except openai.NotFoundError as exc:
+        return str(exc)
+    return None
+
+
+def slow_copy(src: Path, dst: Path, *, seconds: float, chunks: int = 12) -> None:
+    """Like a slow `cp -r`: the config first, then the weights a chunk at a time."""
+    dst.mkdir()
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+    data = (src / "adapter_model.safetensors").read_bytes()
+    step = len(data) // chunks + 1
+    with (dst / "adapter_model.safetensors").open("wb") as out:
+        for i in range(0, len(data), step):
+            out.write(data[i:i + step])
+            out.flush()
+            time.sleep(seconds / chunks)
+
+
+def test_rename_into_place_is_served_at_once(server, source, library):
+    copy_adapter(library / "alpha", source / ".renamed.tmp")  # hidden: ignored
+    time.sleep(0.5)
+    assert error_of(server, "renamed") is not None
+    start = time.monotonic()
+    (source / ".renamed.tmp").rename(source / "renamed")
+    took = server.wait_for(lambda: error_of(server, "renamed") is None, timeout=10,
+                           what="renamed served")
+    assert took < 2.0, f"took {took:.2f} s with a 120 s interval: events did not drive it"
+    assert time.monotonic() - start < 3
+    assert server.complete("renamed") == server.complete("alpha")
+
+
+def test_slow_copy_is_pending_never_failed_then_exact(server, source, library):
+    seen: list[str] = []
+    copier = threading.Thread(
+        target=slow_copy, args=(library / "beta", source / "slow"), kwargs={"seconds": 3}
+    )
+    copier.start()
+    while copier.is_alive():
+        error = error_of(server, "slow")
+        if error is not None:
+            seen.append(error)
+        time.sleep(0.1)
+    copier.join()
+    done = time.monotonic()
+    server.wait_for(lambda: error_of(server, "slow") is None, timeout=10, what="slow served")
+    assert time.monotonic() - done < 2.0
+    assert seen, "the adapter was never seen mid-copy"
+    assert not any("failed" in e for e in seen), seen
+    assert any("not ready yet" in e for e in seen), seen
+    assert server.complete("slow") == server.complete("beta")
+    assert server.complete("slow", LONG_PROMPT) == server.complete("beta", LONG_PROMPT)
+
+
+def test_truncated_weights_wait_and_do_not_disturb_others(server, source, library):
+    folder = source / "cut"
+    folder.mkdir()
+    shutil.copy(library / "gamma" / "adapter_config.json", folder)
+    data = (library / "gamma" / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+    time.sleep(1)
+    assert "not ready yet: incomplete" in error_of(server, "cut")
+    assert server.complete("alpha")
+    (folder / "adapter_model.safetensors").write_bytes(data)
+    server.wait_for(lambda: error_of(server, "cut") is None, timeout=10, what="cut served")
+    assert server.complete("cut") == server.complete("gamma")
+
+
+def test_changed_weights_replace_the_old_without_a_gap(server, source, library):
+    old_long = server.complete("alpha", LONG_PROMPT)  # its prefix is now cached
+    new_long = server.complete("gamma", LONG_PROMPT)
+    assert old_long != new_long
+    errors: list[Exception] = []
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(server.complete("alpha", LONG_PROMPT))
+            except Exception as exc:  # any error is a gap in service
+                errors.append(exc)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    time.sleep(0.5)
+    # Replace the weights in place, as `cp` over an existing folder does.
+    shutil.copy(library / "gamma" / "adapter_model.safetensors",
+                source / "alpha" / "adapter_model.safetensors")
+    # Only the traffic thread sends requests meanwhile (no batching with another request).
+    server.wait_for(lambda: answers[-3:] == [new_long] * 3, timeout=15,
+                    what="new weights served")
+    stop.set()
+    thread.join()
+    assert not errors, errors[:3]
+    switch = answers.index(new_long)
+    assert set(answers[:switch]) == {old_long}, answers
+    assert set(answers[switch:]) == {new_long}, answers
+    # Exactly the new weights' answers, also for the prompt whose prefix was cached before.
+    assert server.complete("alpha", LONG_PROMPT) == new_long
+    assert server.complete("alpha") == server.complete("gamma")
+
+
+def test_folder_deleted_right_after_it_appears(server, source, library):
+    for _ in range(3):
+        copy_adapter(library / "beta", source / "flash")
+        time.sleep(0.02)
+        shutil.rmtree(source / "flash")
+    time.sleep(1.5)
+    assert "does not exist" in error_of(server, "flash")
+    assert "flash" not in server.models()
+    assert server.complete("beta")
+
+
+def test_snapshots_follow_what_is_served(server, source):
+    shutil.rmtree(source / "renamed")
+    shutil.rmtree(source / "cut")
+    server.wait_for(lambda: "cut" not in server.models(), timeout=10, what="cut removed")
+    served = {m for m in server.models() if m != "tiny"}
+    time.sleep(0.5)
+    assert {name.rsplit("-", 1)[0] for name in server.snapshots()} == served
+    assert len(server.snapshots()) == len(served)
+
+
+def test_source_folder_edits_never_corrupt_what_is_served(server, source):
+    answer = server.complete("beta", LONG_PROMPT)
+    weights = source / "beta" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # someone truncates the source in place
+    time.sleep(1)
+    assert server.complete("beta", LONG_PROMPT) == answer  # still the snapshot's weights
+    weights.write_bytes(data)
