@@ -15,6 +15,7 @@ import openai
 import pytest
 
 BIN = Path(sys.executable).parent / "lora-entrypoint"
+ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 240
 
 
@@ -27,7 +28,8 @@ def free_port() -> int:
 class Server:
     """One `lora-entrypoint serve` process and an OpenAI client for its public port."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, command: list[str] | None = None) -> None:
+        self.command = command or [str(BIN), "serve", "--host", "127.0.0.1"]
         self.port = free_port()
         self.log_path = log
         self.cache = log.parent / "cache"
@@ -50,8 +52,8 @@ class Server:
         self._log = self.log_path.open("wb")
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            [str(BIN), "serve", "--host", "127.0.0.1"], env=self.env, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=ROOT,
         )
         return self
 
@@ -152,9 +154,9 @@ def descendants(pid: int) -> list[int]:
 def serve_factory(tmp_path_factory):
     servers: list[Server] = []
 
-    def start(env: dict[str, str], name: str = "serve") -> Server:
+    def start(env: dict[str, str], name: str = "serve", command: list[str] | None = None) -> Server:
         log = tmp_path_factory.mktemp(name) / "serve.log"
-        server = Server(env, log).start()
+        server = Server(env, log, command).start()
         servers.append(server)
         return server
 
