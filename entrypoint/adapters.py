@@ -14,6 +14,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
@@ -50,37 +51,47 @@ class AdapterFolder:
         return self.problem is None and not self.pending
 
 
-def _stat_fingerprint(path: Path) -> tuple[str, int, list[os.DirEntry]]:
+class _Listing(NamedTuple):
+    """One `scandir` of an adapter folder: its fingerprint, total size and file sizes."""
+
+    fingerprint: str
+    size: int
+    files: dict[str, int]  # name -> size
+
+
+def _list_folder(path: str) -> _Listing:
     """A cheap fingerprint of a folder's files: names, sizes and mtimes (one stat each)."""
-    digest = hashlib.blake2b(digest_size=12)
-    total = 0
-    entries = []
+    parts = []
+    files: dict[str, int] = {}
     try:
         with os.scandir(path) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            for entry in it:
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                parts.append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}")
+                if entry.is_file():
+                    files[entry.name] = st.st_size
     except OSError:
-        return "", 0, []
-    for entry in entries:
-        try:
-            st = entry.stat()
-        except OSError:
-            continue
-        if entry.is_file():
-            total += st.st_size
-        digest.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return digest.hexdigest(), total, entries
+        return _Listing("", 0, {})
+    parts.sort()
+    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=12).hexdigest()
+    return _Listing(digest, sum(files.values()), files)
 
 
-def safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path | str, size: int | None = None) -> str | None:
     """None when the file is a complete safetensors file; otherwise what is wrong.
 
     A safetensors file starts with an 8-byte header length and a JSON header whose tensors'
     offsets give the exact size of the file: a shorter file is still being written.
     """
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            head = handle.read(8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if size is None:
+                size = os.fstat(fd).st_size
+            head = os.read(fd, 8)
             if len(head) < 8:
                 return "incomplete: weights file still being written"
             (header_len,) = struct.unpack("<Q", head)
@@ -88,9 +99,13 @@ def safetensors_problem(path: Path) -> str | None:
                 return "adapter_model.safetensors is not a safetensors file"
             if 8 + header_len > size:
                 return "incomplete: weights file still being written"
-            header = json.loads(handle.read(header_len))
+            header = json.loads(os.read(fd, header_len))
+        finally:
+            os.close(fd)
     except (OSError, ValueError, UnicodeDecodeError):
         return "adapter_model.safetensors is not a safetensors file (bad header)"
+    if not isinstance(header, dict):
+        return "adapter_model.safetensors has a malformed header"
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
@@ -166,11 +181,12 @@ def inspect_folder(
     *,
     max_rank: int | None = None,
     served_name: str | None = None,
-    _stat: tuple[str, int, list[os.DirEntry]] | None = None,
+    _listing: _Listing | None = None,
 ) -> AdapterFolder:
     """Validate one adapter folder and describe it."""
     name = path.name
-    fingerprint, size, entries = _stat or _stat_fingerprint(path)
+    folder = str(path)
+    fingerprint, size, files = _listing or _list_folder(folder)
     base = {"name": name, "path": path, "fingerprint": fingerprint, "size": size}
     if not NAME_PATTERN.match(name):
         return AdapterFolder(
@@ -182,15 +198,16 @@ def inspect_folder(
         return AdapterFolder(
             **base, problem="folder name equals the served model name; rename the folder"
         )
-    names = {entry.name for entry in entries}
-    weights = next((path / w for w in WEIGHT_FILES if w in names), None)
-    if CONFIG_FILE not in names:
-        if weights is not None or names:
+    weights_name = next((w for w in WEIGHT_FILES if w in files), None)
+    weights = path / weights_name if weights_name else None
+    if CONFIG_FILE not in files:
+        if weights is not None or files:
             return AdapterFolder(**base, weights=weights, pending=True,
                                  problem="incomplete: adapter_config.json not there yet")
         return AdapterFolder(**base, pending=True, problem="empty folder")
     try:
-        raw = (path / CONFIG_FILE).read_bytes()[:MAX_CONFIG_BYTES]
+        with open(os.path.join(folder, CONFIG_FILE), "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES)
         config = json.loads(raw) if raw.strip() else None
     except (OSError, ValueError, UnicodeDecodeError):
         config = None
@@ -216,8 +233,10 @@ def inspect_folder(
             **described, pending=True, problem="incomplete: no adapter_model.safetensors yet"
         )
     if problem is None and weights is not None:
-        check = safetensors_problem if weights.suffix == ".safetensors" else zip_problem
-        problem = check(weights)
+        if weights_name == WEIGHT_FILES[0]:
+            problem = safetensors_problem(os.path.join(folder, weights_name), files[weights_name])
+        else:
+            problem = zip_problem(weights)
         if problem and problem.startswith("incomplete"):
             return AdapterFolder(**described, pending=True, problem=problem)
     return AdapterFolder(**described, problem=problem)
@@ -253,14 +272,14 @@ class AdapterScanner:
             entries = []
         known: dict[str, AdapterFolder] = {}
         for entry in sorted(entries, key=lambda e: e.name):
-            path = Path(entry.path)
-            stat = _stat_fingerprint(path)
+            listing = _list_folder(entry.path)
             old = self._known.get(entry.name)
-            if old is not None and old.fingerprint == stat[0] and not old.pending:
+            if old is not None and old.fingerprint == listing.fingerprint and not old.pending:
                 known[entry.name] = old
             else:
                 known[entry.name] = inspect_folder(
-                    path, max_rank=self.max_rank, served_name=self.served_name, _stat=stat
+                    Path(entry.path), max_rank=self.max_rank, served_name=self.served_name,
+                    _listing=listing,
                 )
         self._known = known
         return list(known.values())

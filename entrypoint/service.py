@@ -176,7 +176,8 @@ class Service:
                 snapshots=snapshots,
                 wake=lambda: self.watcher and self.watcher.poke(),
             )
-            self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync)
+            self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync,
+                                         events=self.settings.peft_watch_events)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         description="Seconds between scans of NIM_PEFT_SOURCE. Unset: static mode (adapters are "
         "read once at start).",
     )
+    peft_watch_events: bool = Field(
+        default=True,
+        description="(lora-entrypoint) React to file-system events in NIM_PEFT_SOURCE within "
+        "~0.1 s; the interval poll always runs as well. Set false only to measure polling.",
+    )
     max_gpu_loras: int = Field(
         default=8, description="Adapters in one batch (vLLM --max-loras, SGLang "
         "--max-loras-per-batch)."
@@ -110,7 +115,7 @@ class Settings(BaseSettings):
 
     # ---- field checks: messages are completed with the variable name by `load_settings` ----
 
-    @field_validator("jsonl_logging", mode="before")
+    @field_validator("jsonl_logging", "peft_watch_events", mode="before")
     @classmethod
     def _bool(cls, value: Any) -> bool:
         return _parse_bool(value)

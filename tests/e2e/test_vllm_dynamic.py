@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import copy_adapter, edit_config
-from tests.e2e.conftest import descendants
+from tests.e2e.server import descendants
 
 pytestmark = pytest.mark.e2e
 TIMES: dict[str, float] = {}

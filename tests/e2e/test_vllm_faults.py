@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import copy_adapter
-from tests.e2e.conftest import free_port
+from tests.e2e.server import free_port
 
 pytestmark = pytest.mark.e2e
 

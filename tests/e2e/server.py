@@ -1,0 +1,139 @@
+"""A `lora-entrypoint serve` child process, configured by NIM_* variables, and its clients.
+
+Used by the end-to-end tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+BIN = Path(sys.executable).parent / "lora-entrypoint"
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """One `lora-entrypoint serve` process and an OpenAI client for its public port."""
+
+    def __init__(self, env: dict[str, str], log: Path, command: list[str] | None = None) -> None:
+        self.command = command or [str(BIN), "serve", "--host", "127.0.0.1"]
+        self.port = free_port()
+        self.log_path = log
+        self.cache = log.parent / "cache"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("NIM_")},
+            "HF_HUB_OFFLINE": "1",
+            "NIM_SERVER_PORT": str(self.port),
+            "NIM_MAX_MODEL_LEN": "512",
+            "NIM_CACHE_PATH": str(self.cache),
+            **env,
+        }
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.openai = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+        self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.ready_after = 0.0
+
+    def start(self) -> Server:
+        self._log = self.log_path.open("wb")
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(
+            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=ROOT,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"serve exited early:\n{self.logs()[-3000:]}"
+            try:
+                if self.http.get("/v1/health/ready").status_code == 200:
+                    self.ready_after = time.monotonic() - self.started_at
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"not ready after {timeout} s:\n{self.logs()[-3000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def models(self) -> list[str]:
+        return [m.id for m in self.openai.models.list().data]
+
+    def snapshots(self) -> list[str]:
+        """Names of the snapshot folders this server keeps."""
+        return sorted(p.name for p in self.cache.glob("snapshots/*/*") if p.is_dir())
+
+    def complete(self, model: str, prompt: str = "Hello world", tokens: int = 12) -> str:
+        result = self.openai.completions.create(
+            model=model, prompt=prompt, max_tokens=tokens, temperature=0, seed=0
+        )
+        return result.choices[0].text
+
+    def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if predicate():
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise AssertionError(f"{what} not reached in {timeout} s:\n{self.logs()[-3000:]}")
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        # whatever the entrypoint left (it must leave nothing): clean up its group
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.http.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process whose parent chain reaches `pid`."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found = []
+    for child in parents:
+        p = child
+        while p in parents and p != 1:
+            p = parents[p]
+            if p == pid:
+                found.append(child)
+                break
+    return found
+
+
