@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -18,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .backends import Backend
-from .registry import Registry, State
+from .registry import Registry, State, Traffic
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class GatewayState:
     backend: Backend
     registry: Registry
     client: httpx.AsyncClient
+    traffic: Traffic = field(default_factory=Traffic)
     ready: bool = False
     backend_up: bool = False
     static_mode: bool = False
@@ -69,7 +71,19 @@ def _forward_headers(request: Request) -> dict[str, str]:
     return {k: v for k, v in request.headers.items() if k.lower() not in DROP_HEADERS}
 
 
-async def _proxy(state: GatewayState, request: Request, content: bytes | None) -> Response:
+async def _proxy(
+    state: GatewayState, request: Request, content: bytes | None,
+    done: Callable[[], None] = lambda: None,
+) -> Response:
+    """Forward to the backend and stream the answer back; `done` runs once when it is over."""
+    finished = False
+
+    def finish() -> None:
+        nonlocal finished
+        if not finished:
+            finished = True
+            done()
+
     upstream = state.client.build_request(
         request.method,
         request.url.path,
@@ -80,17 +94,28 @@ async def _proxy(state: GatewayState, request: Request, content: bytes | None) -
     try:
         response = await state.client.send(upstream, stream=True)
     except httpx.TimeoutException:
+        finish()
         return openai_error(504, "The backend did not answer in time.", "GatewayTimeout")
     except httpx.HTTPError as exc:
+        finish()
         return openai_error(502, f"The backend is not reachable ({type(exc).__name__}).",
                             "BadGateway")
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        finally:
+            await response.aclose()
+            finish()
+
+    async def cleanup() -> None:
+        await response.aclose()
+        finish()
+
     headers = {k: v for k, v in response.headers.items() if k.lower() not in DROP_HEADERS}
-    return StreamingResponse(
-        response.aiter_raw(),
-        status_code=response.status_code,
-        headers=headers,
-        background=BackgroundTask(response.aclose),
-    )
+    return StreamingResponse(body(), status_code=response.status_code, headers=headers,
+                             background=BackgroundTask(cleanup))
 
 
 def build_app(state: GatewayState) -> Starlette:
@@ -145,8 +170,13 @@ def build_app(state: GatewayState) -> Starlette:
             name = model.removeprefix(state.served_name + ":")
             if state.registry.ready(name) is None:
                 return not_found(state, model, name)
+            await state.traffic.enter(name)  # waits while its weights are being swapped
+            if state.registry.ready(name) is None:  # removed while we waited
+                state.traffic.leave(name)
+                return not_found(state, model, name)
             body["model"] = state.backend.request_model(state.served_name, name)
             raw = json.dumps(body).encode()
+            return await _proxy(state, request, raw, done=lambda: state.traffic.leave(name))
         return await _proxy(state, request, raw)
 
     async def unknown(request: Request) -> Response:

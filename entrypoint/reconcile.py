@@ -19,7 +19,7 @@ import httpx
 
 from .adapters import AdapterFolder, AdapterScanner
 from .backends import Backend, Outcome
-from .registry import AdapterRecord, Registry, State
+from .registry import AdapterRecord, Registry, State, Traffic
 from .snapshots import SnapshotChanged, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RETRY_BASE_SECS = 0.5
 RETRY_MAX_SECS = 30.0
 SETTLE_SECS = 0.2  # look again this soon after catching a folder mid-change
+DRAIN_SECS = 30.0  # longest wait for running requests before swapping an adapter's weights
 
 
 class Reconciler:
@@ -42,6 +43,7 @@ class Reconciler:
         served_name: str,
         max_rank: int | None,
         snapshots: SnapshotStore | None = None,
+        traffic: Traffic | None = None,
         parallel: int = 8,
         wake: Callable[[], None] | None = None,
     ) -> None:
@@ -50,6 +52,7 @@ class Reconciler:
         self.registry = registry
         self.scanner = AdapterScanner(source, max_rank=max_rank, served_name=served_name)
         self.snapshots = snapshots
+        self.traffic = traffic or Traffic()
         self._slots = asyncio.Semaphore(parallel)
         self._work: dict[str, asyncio.Task[None]] = {}
         self._retry: dict[str, tuple[int, float]] = {}  # name -> (attempts, not before)
@@ -180,7 +183,15 @@ class Reconciler:
             self.registry.update(name, state=state, reason="files changing; looking again")
             return
         started = time.monotonic()
-        reply = await self.backend.load(self.client, name, path, replace=inplace)
+        if inplace:
+            # An in-place reload swaps the weights under running requests: let them finish first.
+            async with self.traffic.exclusive(name, timeout=DRAIN_SECS) as still_running:
+                if still_running:
+                    log.warning("adapter %s: %d requests still running after %.0f s; swapping "
+                                "weights under them", name, still_running, DRAIN_SECS)
+                reply = await self.backend.load(self.client, name, path, replace=True)
+        else:
+            reply = await self.backend.load(self.client, name, path, replace=False)
         if reply.outcome is Outcome.ALREADY_LOADED:
             reply = await self.backend.load(self.client, name, path, replace=True)
         old_path = record.loaded_path if serving and record else None

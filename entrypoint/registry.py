@@ -6,8 +6,11 @@ no I/O.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -81,3 +84,54 @@ class Registry:
         for record in self._records.values():
             counts[record.state.value] += 1
         return counts
+
+
+class Traffic:
+    """Requests in flight per adapter, and a gate that holds new ones while weights are swapped.
+
+    vLLM's in-place reload replaces the weights under running requests too, so a request that
+    spans the swap would mix old and new weights. The reconciler closes the gate, waits for the
+    adapter's requests to finish, swaps, and opens it again; new requests wait at the gate.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, int] = {}
+        self._open: dict[str, asyncio.Event] = {}
+        self._idle: dict[str, asyncio.Event] = {}
+
+    def running(self, name: str) -> int:
+        return self._running.get(name, 0)
+
+    async def enter(self, name: str) -> None:
+        """Wait for the gate, then count a request on `name` (pair with `leave`)."""
+        gate = self._open.get(name)
+        if gate is not None:
+            await gate.wait()
+        self._running[name] = self._running.get(name, 0) + 1
+        self._idle.setdefault(name, asyncio.Event()).clear()
+
+    def leave(self, name: str) -> None:
+        count = self._running.get(name, 0) - 1
+        if count <= 0:
+            self._running.pop(name, None)
+            if name in self._idle:
+                self._idle[name].set()
+        else:
+            self._running[name] = count
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str, *, timeout: float) -> AsyncIterator[int]:
+        """Hold new requests on `name` and wait (up to `timeout`) for running ones to finish.
+
+        Yields how many requests were still running when the wait gave up (0 normally).
+        """
+        gate = self._open.setdefault(name, asyncio.Event())
+        gate.clear()
+        try:
+            if self.running(name):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle[name].wait(), timeout)
+            yield self.running(name)
+        finally:
+            gate.set()
+            self._open.pop(name, None)

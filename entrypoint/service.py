@@ -174,6 +174,7 @@ class Service:
                 served_name=self.settings.served_name,
                 max_rank=self.plan.max_lora_rank,
                 snapshots=snapshots,
+                traffic=self.gateway.traffic,
                 wake=lambda: self.watcher and self.watcher.poke(),
             )
             self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync,
