@@ -20,6 +20,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 from benchmarks.fixtures import make_synthetic_adapters
@@ -127,6 +128,13 @@ def discovery(work: Path) -> list[dict]:
         scanner = AdapterScanner(source, max_rank=16)
         scanner.scan()
         steady = best_of(scanner.scan)
+        tracemalloc.start()
+        scanner.scan()
+        after_one = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            scanner.scan()
+        after_many = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
         results.append({
             "folders": count,
             "floor_s": round(floor, 4),
@@ -134,6 +142,7 @@ def discovery(work: Path) -> list[dict]:
             "unchanged_pass_s": round(steady, 4),
             "full_validation_over_floor": round(first / floor, 2),
             "unchanged_pass_over_floor": round(steady / floor, 2),
+            "memory_growth_over_20_passes_kib": round((after_many - after_one) / 1024, 1),
         })
         shutil.rmtree(source)
     return results
