@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -128,6 +130,12 @@ def discovery(work: Path) -> list[dict]:
         scanner = AdapterScanner(source, max_rank=16)
         scanner.scan()
         steady = best_of(scanner.scan)
+        cli = [str(Path(sys.executable).parent / "lora-entrypoint"), "check-adapters",
+               str(source), "--json"]
+        start = time.perf_counter()
+        checked = subprocess.run(cli, capture_output=True, check=False)
+        check_cli = time.perf_counter() - start
+        assert len(json.loads(checked.stdout)) == count
         tracemalloc.start()
         scanner.scan()
         after_one = tracemalloc.get_traced_memory()[0]
@@ -143,6 +151,7 @@ def discovery(work: Path) -> list[dict]:
             "full_validation_over_floor": round(first / floor, 2),
             "unchanged_pass_over_floor": round(steady / floor, 2),
             "memory_growth_over_20_passes_kib": round((after_many - after_one) / 1024, 1),
+            "check_adapters_cli_s": round(check_cli, 3),
         })
         shutil.rmtree(source)
     return results
@@ -173,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/hot_reload.json")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--discovery-only", action="store_true")
     args = parser.parse_args()
     model = build_base_model(ASSETS / "tiny-llama")
     library = ASSETS / "library"
@@ -183,6 +193,8 @@ def main() -> None:
     try:
         result["discovery"] = discovery(work)
         print(json.dumps(result["discovery"], indent=1), flush=True)
+        if args.discovery_only:
+            return
         for mode, events in (("events", True), ("poll_only", False)):
             source = work / f"loras-{mode}"
             source.mkdir()

@@ -58,6 +58,7 @@ class Reconciler:
         self._retry: dict[str, tuple[int, float]] = {}  # name -> (attempts, not before)
         self._reported: dict[str, str] = {}  # name -> last problem logged (log each once)
         self._refused: dict[str, str] = {}  # name -> fingerprint the backend refused
+        self._deferred: set[str] = set()  # names a pass skipped because work was in flight
         self._pass = asyncio.Lock()
         self._wake = wake or (lambda: None)
         self.passes = 0
@@ -79,7 +80,8 @@ class Reconciler:
             wanted = {folder.name: folder for folder in folders}
             for name in sorted(set(wanted) | {r.name for r in self.registry.records()}):
                 if name in self._work:
-                    continue  # sequential per name: the next pass looks again
+                    self._deferred.add(name)  # sequential per name: look again when it ends
+                    continue
                 folder = wanted.get(name)
                 if not self._needs_work(name, folder, actual):
                     continue
@@ -133,6 +135,9 @@ class Reconciler:
             log.exception("adapter %s: unexpected error while reconciling", name)
         finally:
             self._work.pop(name, None)
+            if name in self._deferred:
+                self._deferred.discard(name)
+                self._wake()
 
     # ---- acting ----
 

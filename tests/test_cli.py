@@ -77,3 +77,38 @@ def test_dry_run_prints_the_plan(base_env, library, tmp_path):
     assert plan["backend"] == "vllm"
     assert plan["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
     assert [a["name"] for a in plan["adapters"]] == ["alpha"]
+
+
+def check(*args: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+    return subprocess.run([str(BIN), "check-adapters", *args], env=clean, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_check_adapters_reports_each_folder(library, tmp_path):
+    from tests.conftest import copy_adapter, edit_config
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    copy_adapter(library / "alpha", loras / "alpha")
+    edit_config(copy_adapter(library / "beta", loras / "dora"), use_dora=True)
+    good = check(str(loras / "..") + "/loras")
+    assert good.returncode == 1  # dora is invalid
+    lines = dict(line.split("\t", 1) for line in good.stdout.splitlines())
+    assert lines["alpha"] == "ok\trank 8"
+    assert lines["dora"].startswith("invalid\tDoRA adapters")
+    listed = json.loads(check(str(loras), "--json").stdout)
+    assert [(a["name"], a["valid"], a["rank"]) for a in listed] == [("alpha", True, 8),
+                                                                   ("dora", False, 8)]
+    assert listed[1]["reason"].startswith("DoRA") and listed[0]["reason"] is None
+    (loras / "dora").rename(loras / ".dora")  # hidden: ignored
+    assert check(str(loras)).returncode == 0
+
+
+def test_check_adapters_uses_nim_peft_source(library, tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+    result = subprocess.run([str(BIN), "check-adapters"], capture_output=True, text=True,
+                            env={**clean, "NIM_PEFT_SOURCE": str(library),
+                                 "NIM_MAX_LORA_RANK": "16"}, timeout=60)
+    assert result.returncode == 1
+    assert "big\tinvalid\trank 64 is above NIM_MAX_LORA_RANK=16" in result.stdout

@@ -145,3 +145,31 @@ def test_pending_folder_waits_without_failing(setup, library):
         assert registry.get("alpha").state is State.READY
 
     asyncio.run(scenario())
+
+
+def test_change_during_a_load_is_looked_at_when_the_load_ends(setup, library):
+    source, backend, registry, reconciler = setup
+    wakes: list[int] = []
+    reconciler._wake = lambda: wakes.append(1)
+    gate = asyncio.Event()
+    plain_load = backend.load
+
+    async def slow_load(client, name, path, *, replace=False):
+        await gate.wait()
+        return await plain_load(client, name, path, replace=replace)
+
+    backend.load = slow_load
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await reconciler.sync()  # starts the load, which hangs
+        shutil.rmtree(source / "alpha")
+        await reconciler.sync()  # sees the removal while the load is in flight
+        assert wakes == []
+        gate.set()
+        await reconciler.wait_idle()
+        assert wakes == [1]  # asks for a new pass at once, not at the next interval
+        await settle(reconciler)
+        assert "alpha" not in backend.served and registry.get("alpha") is None
+
+    asyncio.run(scenario())

@@ -135,3 +135,19 @@ def test_unload_failure_still_refuses_requests_and_retries(server, shim, source)
                     what="unload retried")
     server.wait_for(lambda: "fresh" not in server.models(), timeout=5, what="fresh gone")
     assert "does not exist" in error_of(server, "fresh")
+
+
+def test_folder_deleted_mid_load_ends_unserved_and_harmless(server, shim, source, library):
+    import shutil
+
+    shim.fail(LOAD, times=1, delay=1.5, lora_name="vanish")  # the load hangs for a while
+    copy_adapter(library / "gamma", source / "vanish")
+    server.wait_for(lambda: len(shim.calls(LOAD, "vanish")) == 1, timeout=5,
+                    what="load started")
+    shutil.rmtree(source / "vanish")  # the folder goes while vLLM is loading it
+    server.wait_for(lambda: "does not exist" in (error_of(server, "vanish") or ""), timeout=15,
+                    what="vanish gone")
+    time.sleep(2.5)  # passes after the load ended unload what it left behind
+    assert "vanish" not in server.models()
+    assert "does not exist" in error_of(server, "vanish")
+    assert server.complete("alpha")
