@@ -89,7 +89,7 @@ def serve(
         from .service import resolve
 
         try:
-            startup = resolve(settings, backend_port=backend_port or 0)
+            startup = resolve(settings, backend_port=backend_port or 0, dry_run=True)
         except ConfigError as exc:
             fail(str(exc))
             return
@@ -102,6 +102,60 @@ def serve(
         typer.echo(json.dumps(described, indent=2))
         return
     _run_service(settings, host=host, backend_port=backend_port)
+
+
+@app.command("list-model-profiles")
+def list_model_profiles(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Print the GPUs, then every profile in NIM's groups, marking the one that would be chosen."""
+    from .hardware import detect_gpus
+    from .profiles import assess_all, load_profiles, model_parameters
+
+    settings = _settings(need_model=False)
+    try:
+        profiles = load_profiles(*([settings.profiles_path] if settings.profiles_path else []))
+    except ConfigError as exc:
+        fail(str(exc))
+        return
+    gpus = detect_gpus()
+    judged = assess_all(profiles, gpus, lora=settings.peft_source is not None,
+                        params=model_parameters(settings.model_name),
+                        wanted=settings.model_profile)
+    if as_json:
+        typer.echo(json.dumps([a.describe() for a in judged], indent=1))
+        return
+    typer.echo("SYSTEM INFO")
+    if gpus:
+        typer.echo("- GPUs:")
+        for gpu in gpus:
+            typer.echo(f"  - ({gpu.index}) {gpu.name} [{gpu.memory_gib:.0f} GiB, compute "
+                       f"capability {gpu.compute_capability}]")
+    else:
+        typer.echo("- GPUs: none (CPU only)")
+    typer.echo("MODEL PROFILES")
+
+    def line(a: Any, note: str = "") -> str:
+        mark = "  <- selected" if a.selected else ""
+        return f"{a.profile.id} ({a.profile.name}){note}{mark}"
+
+    groups = [
+        ("- Compatible with system and runnable:",
+         [a for a in judged if a.runnable and not a.profile.lora], ""),
+        ("  - With LoRA support:", [a for a in judged if a.runnable and a.profile.lora], "  "),
+    ]
+    for title, items, indent in groups:
+        typer.echo(title + ("" if items else " none"))
+        for a in items:
+            typer.echo(f"{indent}  - {line(a)}")
+    low = [a for a in judged if a.compatible and a.low_memory]
+    typer.echo("- Compatible with system but low on memory:" + ("" if low else " none"))
+    for a in low:
+        typer.echo(f"  - {line(a, f': {a.low_memory}')}")
+    bad = [a for a in judged if not a.compatible]
+    typer.echo("- Incompatible with system:" + ("" if bad else " none"))
+    for a in bad:
+        typer.echo(f"  - {line(a, f': {a.reason}')}")
 
 
 @app.command("check-adapters")
@@ -121,7 +175,7 @@ def check_adapters(
         return
     # Unset NIM_MAX_LORA_RANK: the server derives a rank covering the adapters, up to the most
     # the backend allows.
-    max_rank = settings.max_lora_rank or get_backend("vllm").allowed_ranks[-1]
+    max_rank = settings.max_lora_rank or get_backend("vllm").max_rank
     adapters = scan_source(settings.peft_source, max_rank=max_rank,
                            served_name=settings.served_model_name)
     if as_json:
@@ -206,3 +260,9 @@ def main() -> None:
         app(prog_name="lora-entrypoint")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def list_profiles_main() -> None:
+    """The `list-model-profiles` console script (NIM's name for the same listing)."""
+    sys.argv[1:1] = ["list-model-profiles"]
+    main()

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import __version__
 from .backends import Backend
 from .registry import Registry, State, Traffic
 
@@ -41,7 +42,7 @@ class GatewayState:
     ready: bool = False
     backend_up: bool = False
     static_mode: bool = False
-    notes: dict[str, str] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
 
 
 def openai_error(status: int, message: str, kind: str, code: str | int | None = None) -> Response:
@@ -179,6 +180,12 @@ def build_app(state: GatewayState) -> Starlette:
             return await _proxy(state, request, raw, done=lambda: state.traffic.leave(name))
         return await _proxy(state, request, raw)
 
+    async def metadata(request: Request) -> Response:
+        return JSONResponse(state.metadata)
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"release": __version__, "api": "1.0.0"})
+
     async def unknown(request: Request) -> Response:
         return openai_error(404, f"Route {request.url.path} not found.", "NotFoundError")
 
@@ -186,6 +193,8 @@ def build_app(state: GatewayState) -> Starlette:
         Route("/v1/health/live", live, methods=["GET"]),
         Route("/v1/health/ready", ready, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/metadata", metadata, methods=["GET"]),
+        Route("/v1/version", version, methods=["GET"]),
         Route("/v1/completions", inference, methods=["POST"]),
         Route("/v1/chat/completions", inference, methods=["POST"]),
         Route("/{path:path}", unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),

@@ -50,7 +50,7 @@ def resolve_max_rank(settings: Settings, backend: Backend, adapters: list[Adapte
         return settings.max_lora_rank
     ranks = [a.rank for a in adapters if a.rank is not None and a.problem is None]
     wanted = max([MIN_DERIVED_RANK, *ranks])
-    return backend.rank_limit(wanted) or backend.allowed_ranks[-1]
+    return backend.rank_limit(wanted) or backend.max_rank
 
 
 def build_launch_plan(
@@ -86,6 +86,7 @@ def build_launch_plan(
             (a.name, (load_paths or {}).get(a.name, a.path)) for a in static
         ),
         dynamic=settings.dynamic,
+        adapter_modules=tuple(a.target_modules for a in static),
     )
     argv = backend.argv(spec, settings=settings, profile=profile, python=python)
     argv += settings.passthrough

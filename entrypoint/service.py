@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import httpx
 import uvicorn
 
+from . import __version__
 from .adapters import AdapterFolder, scan_source
 from .gateway import GatewayState, build_app
+from .hardware import detect_gpus
 from .launch import LaunchPlan, build_launch_plan
-from .profiles import load_profiles, select_profile
+from .profiles import load_profiles, model_parameters, select_profile
 from .reconcile import Reconciler
 from .registry import AdapterRecord, Registry, State
 from .settings import ConfigError, Settings
@@ -54,14 +56,20 @@ def resolve(
     *,
     backend_port: int | None = None,
     snapshots: SnapshotStore | None = None,
+    dry_run: bool = False,
 ) -> Startup:
     """Settings -> profile -> adapters at start -> launch plan. Raises `ConfigError`.
 
     With `snapshots`, static adapters are served from snapshots taken now (a dry run takes none).
     """
-    profiles = load_profiles()
-    profile = select_profile(
-        profiles, wanted=settings.model_profile, lora=settings.peft_source is not None
+    profiles = load_profiles(*([settings.profiles_path] if settings.profiles_path else []))
+    profile, notes = select_profile(
+        profiles,
+        detect_gpus(),
+        wanted=settings.model_profile,
+        lora=settings.peft_source is not None,
+        params=model_parameters(settings.model_name),
+        allow_incompatible=dry_run,
     )
     adapters: list[AdapterFolder] = []
     if settings.peft_source is not None:
@@ -85,6 +93,9 @@ def resolve(
         adapters = [a for a in adapters if a.name in paths or not a.valid]
         plan = build_launch_plan(settings, profile, [a for a in adapters if a.name in paths],
                                  port=port, load_paths=paths)
+    for level, note in notes:
+        log.log(level, note)
+    log.info("selected profile %s (%s): %s", profile.name, profile.id, profile.backend)
     return Startup(settings=settings, plan=plan, adapters=adapters)
 
 
@@ -160,6 +171,7 @@ class Service:
             registry=self.registry,
             client=self.proxy_client,
             static_mode=not self.settings.dynamic,
+            metadata=self.describe(),
         )
         self.snapshots = snapshots
         self.reconciler: Reconciler | None = None
@@ -179,6 +191,22 @@ class Service:
             )
             self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync,
                                          events=self.settings.peft_watch_events)
+
+    def describe(self) -> dict:
+        """What `/v1/metadata` reports: the model, the selected profile, the backend, versions."""
+        profile, backend = self.plan.profile, self.plan.backend
+        return {
+            "version": __version__,
+            "modelInfo": [{"shortName": self.settings.served_name,
+                           "modelUrl": self.settings.model_name}],
+            "selectedModelProfileId": profile.id,
+            "profile": {"id": profile.id, "name": profile.name, "precision": profile.precision,
+                        "tp": profile.tp, "pp": profile.pp, "lora": profile.lora},
+            "backend": {"name": backend.name, "version": backend.version()},
+            "lora": {"source": str(self.settings.peft_source or "") or None,
+                     "dynamic": self.settings.dynamic,
+                     "max_lora_rank": self.plan.max_lora_rank},
+        }
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     model_profile: str | None = Field(
         default=None, description="A profile by name or id. Unset: chosen from the hardware."
     )
+    profiles_path: Path | None = Field(
+        default=None,
+        description="(lora-entrypoint) A folder of extra profile files (YAML), added to the "
+        "built-in ones; a file with a built-in profile's name replaces it.",
+    )
     server_port: int = Field(default=8000, description="The public port.")
     cache_path: Path = Field(
         default=Path(".cache"),

@@ -41,7 +41,10 @@ def base_env(tiny_model, tmp_path) -> dict[str, str]:
         ({"NIM_MAX_LORA_RANK": "48"}, "error: NIM_MAX_LORA_RANK=48: vLLM allows only 1, 8, 16, "
          "32, 64, 128, 256, 320, 512"),
         ({"NIM_MODEL_PROFILE": "trtllm-fp8"}, "error: NIM_MODEL_PROFILE=trtllm-fp8: no such "
-         "profile; known profiles: vllm-cpu-bf16-tp1-pp1, vllm-cpu-bf16-tp1-pp1-feat_lora"),
+         "profile; known profiles: sglang-bf16-tp1-pp1, sglang-bf16-tp1-pp1-feat_lora, "),
+        ({"NIM_MODEL_PROFILE": "vllm-bf16-tp2-pp1-feat_lora"}, "error: NIM_MODEL_PROFILE="
+         "vllm-bf16-tp2-pp1-feat_lora: not compatible with this machine: needs 2 GPU(s); none "
+         "found"),
         ({"NIM_SERVER_PORT": "port"}, "error: NIM_SERVER_PORT=port: must be a whole number"),
         ({"NIM_SERVER_PORT": "0"}, "error: NIM_SERVER_PORT=0: must be a TCP port"),
     ],

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .base import Backend, Outcome, Reply, StartSpec
+from .sglang import SGLangBackend
 from .vllm import VLLMBackend
 
-BACKENDS: dict[str, type[Backend]] = {"vllm": VLLMBackend}
+BACKENDS: dict[str, type[Backend]] = {"vllm": VLLMBackend, "sglang": SGLangBackend}
 
 
 def get_backend(name: str) -> Backend:

@@ -8,6 +8,7 @@ the modules beside this one and nowhere else.
 from __future__ import annotations
 
 import enum
+import importlib.metadata
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class StartSpec:
     max_lora_rank: int
     static_adapters: tuple[tuple[str, Path], ...]  # (name, path to load from)
     dynamic: bool
+    #: target modules of each valid adapter present at start (SGLang derives its pool from them)
+    adapter_modules: tuple[tuple[str, ...], ...] = ()
 
 
 class Backend(ABC):
@@ -55,8 +58,12 @@ class Backend(ABC):
     name: ClassVar[str]
     #: ranks the engine accepts for its max-LoRA-rank setting, ascending
     allowed_ranks: ClassVar[tuple[int, ...]]
+    #: the largest max-LoRA-rank the engine accepts
+    max_rank: ClassVar[int]
     #: GET this path on the backend until it answers 200
     readiness_path: ClassVar[str] = "/health"
+    #: Python distributions that provide the engine, in order of preference
+    packages: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def argv(
@@ -78,13 +85,28 @@ class Backend(ABC):
     async def unload(self, client: httpx.AsyncClient, name: str) -> Reply:
         """Forget `name`."""
 
-    @abstractmethod
     async def loaded(self, client: httpx.AsyncClient) -> dict[str, str]:
-        """The adapters the engine serves now: name -> the path it loaded them from."""
+        """The adapters the engine serves now: name -> the path it loaded them from.
+
+        Both engines list adapters in `/v1/models` as cards whose `parent` is the base model.
+        """
+        response = await client.get("/v1/models")
+        response.raise_for_status()
+        cards = response.json().get("data", [])
+        return {card["id"]: card.get("root", "") for card in cards if card.get("parent")}
 
     def request_model(self, served_name: str, adapter: str | None) -> str:
         """The `model` value the engine needs in an OpenAI request for this adapter (or base)."""
         return adapter or served_name
+
+    def version(self) -> str | None:
+        """The installed engine's version, or None when it is not installed here."""
+        for package in self.packages:
+            try:
+                return importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return None
 
     def check_settings(self, settings: Settings) -> None:
         """Raise `ConfigError` for settings this engine cannot run with."""

