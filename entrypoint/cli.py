@@ -88,6 +88,7 @@ def serve(
     if dry_run:
         from .service import resolve
 
+        setup_logging(settings.log_level, jsonl=settings.jsonl_logging)
         try:
             startup = resolve(settings, backend_port=backend_port or 0, dry_run=True)
         except ConfigError as exc:

@@ -199,7 +199,7 @@ def assess_all(
             chosen = min(candidates, key=lambda a: _preference(a, lora))
     out = [Assessment(a.profile, a.compatible, a.reason, a.low_memory, a.gpu_match,
                       a is chosen) for a in judged]
-    return sorted(out, key=lambda a: _preference(a, lora))
+    return sorted(out, key=lambda a: (not a.compatible, bool(a.low_memory), _preference(a, lora)))
 
 
 def find_profile(profiles: list[Profile], wanted: str) -> Profile:

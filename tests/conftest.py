@@ -52,3 +52,44 @@ def edit_config(folder: Path, **changes) -> None:
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+# GPU inventories as `nvidia-smi --query-gpu=index,uuid,name,memory.total,compute_cap` would
+# print them (no GPU and no NVML here: detection falls back to this).
+H100 = "NVIDIA H100 80GB HBM3, 81559, 9.0"
+A100 = "NVIDIA A100-SXM4-40GB, 40960, 8.0"
+L4 = "NVIDIA L4, 23034, 8.9"
+INVENTORIES = {
+    "none": [],
+    "1xH100": [H100],
+    "2xH100": [H100] * 2,
+    "8xA100": [A100] * 8,
+    "1xL4": [L4],
+}
+
+
+def smi_rows(gpus: list[str]) -> str:
+    return "".join(f"{i}, GPU-{i:04d}-fake, {gpu}\n" for i, gpu in enumerate(gpus))
+
+
+def install_fake_smi(folder: Path, gpus: list[str]) -> Path:
+    """A `nvidia-smi` that reports `gpus`, in `folder` (put it first on PATH)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text("#!/bin/sh\ncat <<'EOF'\n" + smi_rows(gpus) + "EOF\n")
+    script.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def fake_gpus(tmp_path, monkeypatch):
+    """Call with an inventory name; PATH then finds a nvidia-smi that reports it."""
+
+    def use(name: str) -> dict[str, str]:
+        folder = install_fake_smi(tmp_path / f"smi-{name}", INVENTORIES[name])
+        path = f"{folder}:{os.environ['PATH']}"
+        monkeypatch.setenv("PATH", path)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        return {"PATH": path}
+
+    return use

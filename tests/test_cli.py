@@ -115,3 +115,47 @@ def test_check_adapters_uses_nim_peft_source(library, tmp_path):
                                  "NIM_MAX_LORA_RANK": "16"}, timeout=60)
     assert result.returncode == 1
     assert "big\tinvalid\trank 64 is above NIM_MAX_LORA_RANK=16" in result.stdout
+
+
+def run_tool(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+    return subprocess.run(args, env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_list_model_profiles_on_two_h100(fake_gpus, tmp_path):
+    env = {**fake_gpus("2xH100"), "NIM_PEFT_SOURCE": str(tmp_path)}
+    result = run_tool([str(BIN.parent / "list-model-profiles")], env)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("SYSTEM INFO\n- GPUs:\n  - (0) NVIDIA H100 80GB HBM3 [80 GiB, compute "
+                          "capability 9.0]\n  - (1) NVIDIA H100")
+    sections = ["MODEL PROFILES", "- Compatible with system and runnable:",
+                "  - With LoRA support:", "- Compatible with system but low on memory:",
+                "- Incompatible with system:"]
+    positions = [out.index(s) for s in sections]
+    assert positions == sorted(positions)
+    selected = [line for line in out.splitlines() if "<- selected" in line]
+    assert len(selected) == 1 and "(vllm-fp8-tp2-pp1-feat_lora)" in selected[0]
+    assert "(vllm-bf16-tp8-pp1): needs 8 GPUs (tp 8 x pp 1); 2 found" in out
+
+
+def test_list_model_profiles_json(fake_gpus):
+    result = run_tool([str(BIN), "list-model-profiles", "--json"], fake_gpus("8xA100"))
+    listed = json.loads(result.stdout)
+    keys = {"id", "name", "backend", "precision", "tp", "pp", "lora", "compatible", "reason",
+            "selected"}
+    assert all(keys <= set(item) for item in listed)
+    assert [i["name"] for i in listed if i["selected"]] == ["vllm-bf16-tp8-pp1"]
+    fp8 = next(i for i in listed if i["name"] == "sglang-fp8-tp1-pp1")
+    assert not fp8["compatible"] and "compute capability 8.9+" in fp8["reason"]
+
+
+def test_dry_run_shows_an_eight_gpu_command_from_a_laptop(base_env):
+    result, _ = run({**base_env, "NIM_MODEL_PROFILE": "sglang-bf16-tp8-pp1-feat_lora",
+                     "NIM_PEFT_REFRESH_INTERVAL": "5"}, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["backend"] == "sglang"
+    assert plan["argv"][1:3] == ["-m", "sglang.launch_server"]
+    assert plan["argv"][plan["argv"].index("--tp-size") + 1] == "8"
+    assert "not compatible with this machine: needs 8 GPU(s); none found" in result.stderr

@@ -96,3 +96,70 @@ def test_profile_by_id(monkeypatch):
     profile = find_profile(load_profiles(), CPU_LORA)
     assert len(profile.id) == 64
     assert find_profile(load_profiles(), profile.id).name == CPU_LORA
+
+
+def sglang_plan(monkeypatch, tiny_model, source, profile="sglang-bf16-tp1-pp1-feat_lora", **env):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(tiny_model))
+    monkeypatch.setenv("NIM_SERVED_MODEL_NAME", "tiny")
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(source))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    adapters = scan_source(source, max_rank=settings.max_lora_rank, served_name="tiny")
+    return build_launch_plan(settings, find_profile(load_profiles(), profile), adapters,
+                             port=9999, python="python")
+
+
+def test_sglang_static_argv_exactly(monkeypatch, tiny_model, source):
+    plan = sglang_plan(monkeypatch, tiny_model, source, NIM_MAX_MODEL_LEN="512")
+    assert plan.argv == [
+        "python", "-m", "sglang.launch_server", "--model-path", str(tiny_model),
+        "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "9999",
+        "--dtype", "bfloat16", "--tp-size", "1", "--context-length", "512",
+        "--enable-lora", "--max-loras-per-batch", "9", "--max-loaded-loras", "16",
+        "--max-lora-rank", "16", "--lora-target-modules", "q_proj", "k_proj", "v_proj", "o_proj",
+        "--lora-paths", f"alpha={source / 'alpha'}", f"beta={source / 'beta'}",
+    ]
+    assert plan.env == {}
+
+
+def test_sglang_dynamic_argv_exactly(monkeypatch, tiny_model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    plan = sglang_plan(monkeypatch, tiny_model, empty, profile="sglang-fp8-tp4-pp1-feat_lora",
+                       NIM_PEFT_REFRESH_INTERVAL="5", NIM_MAX_GPU_LORAS="4",
+                       NIM_MAX_CPU_LORAS="32")
+    assert plan.argv == [
+        "python", "-m", "sglang.launch_server", "--model-path", str(tiny_model),
+        "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "9999",
+        "--dtype", "bfloat16", "--quantization", "fp8", "--tp-size", "4",
+        "--enable-lora", "--max-loras-per-batch", "5", "--max-loaded-loras", "32",
+        "--max-lora-rank", "16", "--lora-target-modules", "all",
+    ]
+
+
+def test_sglang_refuses_a_served_name_with_a_colon(monkeypatch, tiny_model, source):
+    with pytest.raises(ConfigError, match=r"^NIM_SERVED_MODEL_NAME=org:tiny: contains ':'"):
+        sglang_plan(monkeypatch, tiny_model, source, NIM_SERVED_MODEL_NAME="org:tiny")
+
+
+def test_vllm_gpu_dynamic_argv_exactly(monkeypatch, tiny_model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    plan = sglang_plan(monkeypatch, tiny_model, empty, profile="vllm-fp8-tp2-pp1-feat_lora",
+                       NIM_PEFT_REFRESH_INTERVAL="5", NIM_PASSTHROUGH_ARGS="--max-lora-rank 64")
+    assert plan.argv == [
+        "python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+        "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "9999",
+        "--disable-uvicorn-access-log", "--dtype", "bfloat16", "--quantization", "fp8",
+        "--tensor-parallel-size", "2", "--pipeline-parallel-size", "1",
+        "--enable-lora", "--max-loras", "8", "--max-cpu-loras", "16", "--max-lora-rank", "16",
+        "--max-lora-rank", "64",  # passthrough comes last, so it wins
+    ]
+    assert plan.env == {"VLLM_LOGGING_LEVEL": "INFO", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
+
+
+def test_tp_from_the_environment_overrides_the_profile(monkeypatch, tiny_model, source):
+    plan = sglang_plan(monkeypatch, tiny_model, source, profile="vllm-bf16-tp2-pp1-feat_lora",
+                       NIM_TENSOR_PARALLEL_SIZE="4")
+    assert flag(plan.argv, "--tensor-parallel-size") == "4"

@@ -122,6 +122,17 @@ def test_adapter_unloaded_behind_our_back_is_loaded_again(server):
     assert server.complete("alpha") == answer
 
 
+def test_metadata_reports_profile_and_backend(server):
+    meta = server.http.get("/v1/metadata").json()
+    assert meta["profile"]["name"] == "vllm-cpu-bf16-tp1-pp1-feat_lora"
+    assert len(meta["profile"]["id"]) == 64
+    assert meta["selectedModelProfileId"] == meta["profile"]["id"]
+    assert meta["backend"]["name"] == "vllm" and meta["backend"]["version"].startswith("0.")
+    assert meta["modelInfo"][0]["shortName"] == "tiny"
+    assert server.http.get("/v1/version").json()["release"]
+    assert server.http.get("/v1/load_lora_adapter").status_code == 404  # admin stays private
+
+
 def test_sigterm_stops_everything(server):
     children = descendants(server.process.pid)
     assert children, "the backend runs as a child of the entrypoint"
