@@ -29,6 +29,7 @@ from benchmarks.fixtures import make_synthetic_adapters
 from entrypoint.adapters import AdapterScanner
 from entrypoint.demo import build_adapter, build_base_model
 from tests.e2e.server import Server
+from tests.e2e.server import slow_copy as write_slowly
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / ".cache" / "test-assets"
@@ -83,17 +84,7 @@ def slow_copy(server: Server, source: Path, library: Path, seconds: float = 4.0)
     shutil.copytree(library / "beta", source / "atomic-beta.tmp")
     os.replace(source / "atomic-beta.tmp", source / "atomic-beta")
     time_until(lambda: servable(server, "atomic-beta"))
-    target = source / "slow-beta"
-    target.mkdir()
-    shutil.copy(library / "beta" / "adapter_config.json", target)
-    data = (library / "beta" / "adapter_model.safetensors").read_bytes()
-    chunks = 20
-    step = len(data) // chunks + 1
-    with (target / "adapter_model.safetensors").open("wb") as out:
-        for i in range(0, len(data), step):
-            out.write(data[i:i + step])
-            out.flush()
-            time.sleep(seconds / chunks)
+    write_slowly(library / "beta", source / "slow-beta", seconds=seconds, chunks=20)
     last_byte_to_servable = time_until(lambda: servable(server, "slow-beta"))
     same = answers(server, "slow-beta") == answers(server, "atomic-beta")
     return {"write_seconds": seconds, "last_byte_to_servable_s": round(last_byte_to_servable, 3),

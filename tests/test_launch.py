@@ -23,16 +23,16 @@ def source(tmp_path, library) -> Path:
     return folder
 
 
-def plan_for(monkeypatch, tiny_model, source, **env):
+def plan_for(monkeypatch, tiny_model, source, profile=CPU_LORA, **env):
     monkeypatch.setenv("NIM_MODEL_NAME", str(tiny_model))
     monkeypatch.setenv("NIM_SERVED_MODEL_NAME", "tiny")
     monkeypatch.setenv("NIM_PEFT_SOURCE", str(source))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load_settings()
-    profile = find_profile(load_profiles(), CPU_LORA)
     adapters = scan_source(source, max_rank=settings.max_lora_rank, served_name="tiny")
-    return build_launch_plan(settings, profile, adapters, port=9999, python="python")
+    return build_launch_plan(settings, find_profile(load_profiles(), profile), adapters,
+                             port=9999, python="python")
 
 
 def flag(argv, name):
@@ -99,15 +99,7 @@ def test_profile_by_id(monkeypatch):
 
 
 def sglang_plan(monkeypatch, tiny_model, source, profile="sglang-bf16-tp1-pp1-feat_lora", **env):
-    monkeypatch.setenv("NIM_MODEL_NAME", str(tiny_model))
-    monkeypatch.setenv("NIM_SERVED_MODEL_NAME", "tiny")
-    monkeypatch.setenv("NIM_PEFT_SOURCE", str(source))
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    settings = load_settings()
-    adapters = scan_source(source, max_rank=settings.max_lora_rank, served_name="tiny")
-    return build_launch_plan(settings, find_profile(load_profiles(), profile), adapters,
-                             port=9999, python="python")
+    return plan_for(monkeypatch, tiny_model, source, profile, **env)
 
 
 def test_sglang_static_argv_exactly(monkeypatch, tiny_model, source):

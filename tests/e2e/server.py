@@ -5,6 +5,7 @@ Used by the end-to-end tests and the benchmarks."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,6 +88,14 @@ class Server:
         )
         return result.choices[0].text
 
+    def error_of(self, model: str) -> str | None:
+        """The 404 message a request for `model` gets, or None when it is served."""
+        try:
+            self.complete(model, tokens=1)
+        except openai.NotFoundError as exc:
+            return str(exc)
+        return None
+
     def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> float:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
@@ -137,3 +146,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def slow_copy(src: Path, dst: Path, *, seconds: float, chunks: int = 12) -> None:
+    """Like a slow `cp -r`: the config first, then the weights a chunk at a time."""
+    dst.mkdir()
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+    data = (src / "adapter_model.safetensors").read_bytes()
+    step = len(data) // chunks + 1
+    with (dst / "adapter_model.safetensors").open("wb") as out:
+        for i in range(0, len(data), step):
+            out.write(data[i:i + step])
+            out.flush()
+            time.sleep(seconds / chunks)

@@ -8,7 +8,6 @@ import sys
 import time
 
 import httpx
-import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -66,21 +65,13 @@ def shim(server, shim_port):
     return Shim()
 
 
-def error_of(server, model: str) -> str | None:
-    try:
-        server.complete(model, tokens=1)
-    except openai.NotFoundError as exc:
-        return str(exc)
-    return None
-
-
 LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
 
 def test_500s_are_retried_with_backoff_until_served(server, shim, source, library):
     shim.fail(LOAD, times=3, status=500, lora_name="beta")
     copy_adapter(library / "beta", source / "beta")
-    server.wait_for(lambda: error_of(server, "beta") is None, timeout=30, what="beta served")
+    server.wait_for(lambda: server.error_of("beta") is None, timeout=30, what="beta served")
     calls = shim.calls(LOAD, "beta")
     assert [c.get("status") for c in calls] == [500, 500, 500, 200]
     gaps = [b["time"] - a["time"] for a, b in zip(calls, calls[1:], strict=False)]
@@ -93,8 +84,8 @@ def test_a_timeout_is_retried(server, shim, source, library):
     shim.fail(LOAD, times=1, delay=3, lora_name="gamma")
     copy_adapter(library / "gamma", source / "gamma")
     time.sleep(1.5)
-    assert "load will be retried" in error_of(server, "gamma")
-    server.wait_for(lambda: error_of(server, "gamma") is None, timeout=30, what="gamma served")
+    assert "load will be retried" in server.error_of("gamma")
+    server.wait_for(lambda: server.error_of("gamma") is None, timeout=30, what="gamma served")
     assert "ReadTimeout" in server.logs()
 
 
@@ -104,9 +95,9 @@ def test_one_failing_adapter_never_delays_another(server, shim, source, library)
     time.sleep(0.3)
     start = time.monotonic()
     copy_adapter(library / "beta", source / "fresh")
-    server.wait_for(lambda: error_of(server, "fresh") is None, timeout=10, what="fresh served")
+    server.wait_for(lambda: server.error_of("fresh") is None, timeout=10, what="fresh served")
     assert time.monotonic() - start < 2.0
-    stuck = error_of(server, "stuck")
+    stuck = server.error_of("stuck")
     assert "still loading" in stuck or "load will be retried" in stuck, stuck
 
 
@@ -116,13 +107,13 @@ def test_refused_adapter_fails_once_and_is_not_retried(server, shim, source, lib
     good = weights.read_bytes()
     tensors = load_file(weights)  # tensors for a module the model does not have
     save_file({k.replace("q_proj", "zz_proj"): v for k, v in tensors.items()}, weights)
-    server.wait_for(lambda: "failed to load" in (error_of(server, "liar") or ""), timeout=10,
+    server.wait_for(lambda: "failed to load" in (server.error_of("liar") or ""), timeout=10,
                     what="liar failed")
-    assert "refused by the backend" in error_of(server, "liar")
+    assert "refused by the backend" in server.error_of("liar")
     time.sleep(3)  # three more passes
     assert len(shim.calls(LOAD, "liar")) == 1
     weights.write_bytes(good)  # fixed: its files changed, so it is tried again
-    server.wait_for(lambda: error_of(server, "liar") is None, timeout=10, what="liar served")
+    server.wait_for(lambda: server.error_of("liar") is None, timeout=10, what="liar served")
 
 
 def test_unload_failure_still_refuses_requests_and_retries(server, shim, source):
@@ -130,11 +121,11 @@ def test_unload_failure_still_refuses_requests_and_retries(server, shim, source)
 
     shim.fail(UNLOAD, times=2, status=500, lora_name="fresh")
     shutil.rmtree(source / "fresh")
-    server.wait_for(lambda: error_of(server, "fresh") is not None, timeout=5, what="fresh 404")
+    server.wait_for(lambda: server.error_of("fresh") is not None, timeout=5, what="fresh 404")
     server.wait_for(lambda: len(shim.calls(UNLOAD, "fresh")) >= 3, timeout=15,
                     what="unload retried")
     server.wait_for(lambda: "fresh" not in server.models(), timeout=5, what="fresh gone")
-    assert "does not exist" in error_of(server, "fresh")
+    assert "does not exist" in server.error_of("fresh")
 
 
 def test_folder_deleted_mid_load_ends_unserved_and_harmless(server, shim, source, library):
@@ -145,9 +136,9 @@ def test_folder_deleted_mid_load_ends_unserved_and_harmless(server, shim, source
     server.wait_for(lambda: len(shim.calls(LOAD, "vanish")) == 1, timeout=5,
                     what="load started")
     shutil.rmtree(source / "vanish")  # the folder goes while vLLM is loading it
-    server.wait_for(lambda: "does not exist" in (error_of(server, "vanish") or ""), timeout=15,
+    server.wait_for(lambda: "does not exist" in (server.error_of("vanish") or ""), timeout=15,
                     what="vanish gone")
     time.sleep(2.5)  # passes after the load ended unload what it left behind
     assert "vanish" not in server.models()
-    assert "does not exist" in error_of(server, "vanish")
+    assert "does not exist" in server.error_of("vanish")
     assert server.complete("alpha")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from pathlib import Path
 
-import openai
 import pytest
 
 from tests.conftest import copy_adapter
+from tests.e2e.server import slow_copy
 
 pytestmark = pytest.mark.e2e
 LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
@@ -44,34 +43,13 @@ def server(serve_factory, tiny_model, source):
     ).wait_ready()
 
 
-def error_of(server, model: str) -> str | None:
-    try:
-        server.complete(model, tokens=1)
-    except openai.NotFoundError as exc:
-        return str(exc)
-    return None
-
-
-def slow_copy(src: Path, dst: Path, *, seconds: float, chunks: int = 12) -> None:
-    """Like a slow `cp -r`: the config first, then the weights a chunk at a time."""
-    dst.mkdir()
-    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
-    data = (src / "adapter_model.safetensors").read_bytes()
-    step = len(data) // chunks + 1
-    with (dst / "adapter_model.safetensors").open("wb") as out:
-        for i in range(0, len(data), step):
-            out.write(data[i:i + step])
-            out.flush()
-            time.sleep(seconds / chunks)
-
-
 def test_rename_into_place_is_served_at_once(server, source, library):
     copy_adapter(library / "alpha", source / ".renamed.tmp")  # hidden: ignored
     time.sleep(0.5)
-    assert error_of(server, "renamed") is not None
+    assert server.error_of("renamed") is not None
     start = time.monotonic()
     (source / ".renamed.tmp").rename(source / "renamed")
-    took = server.wait_for(lambda: error_of(server, "renamed") is None, timeout=10,
+    took = server.wait_for(lambda: server.error_of("renamed") is None, timeout=10,
                            what="renamed served")
     assert took < 2.0, f"took {took:.2f} s with a 120 s interval: events did not drive it"
     assert time.monotonic() - start < 3
@@ -85,13 +63,13 @@ def test_slow_copy_is_pending_never_failed_then_exact(server, source, library):
     )
     copier.start()
     while copier.is_alive():
-        error = error_of(server, "slow")
+        error = server.error_of("slow")
         if error is not None:
             seen.append(error)
         time.sleep(0.1)
     copier.join()
     done = time.monotonic()
-    server.wait_for(lambda: error_of(server, "slow") is None, timeout=10, what="slow served")
+    server.wait_for(lambda: server.error_of("slow") is None, timeout=10, what="slow served")
     assert time.monotonic() - done < 2.0
     assert seen, "the adapter was never seen mid-copy"
     assert not any("failed" in e for e in seen), seen
@@ -107,10 +85,10 @@ def test_truncated_weights_wait_and_do_not_disturb_others(server, source, librar
     data = (library / "gamma" / "adapter_model.safetensors").read_bytes()
     (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
     time.sleep(1)
-    assert "not ready yet: incomplete" in error_of(server, "cut")
+    assert "not ready yet: incomplete" in server.error_of("cut")
     assert server.complete("alpha")
     (folder / "adapter_model.safetensors").write_bytes(data)
-    server.wait_for(lambda: error_of(server, "cut") is None, timeout=10, what="cut served")
+    server.wait_for(lambda: server.error_of("cut") is None, timeout=10, what="cut served")
     assert server.complete("cut") == server.complete("gamma")
 
 
@@ -155,7 +133,7 @@ def test_folder_deleted_right_after_it_appears(server, source, library):
         time.sleep(0.02)
         shutil.rmtree(source / "flash")
     time.sleep(1.5)
-    assert "does not exist" in error_of(server, "flash")
+    assert "does not exist" in server.error_of("flash")
     assert "flash" not in server.models()
     assert server.complete("beta")
 
