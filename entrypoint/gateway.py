@@ -164,6 +164,10 @@ def build_app(state: GatewayState) -> Starlette:
             return openai_error(400, "Request body is not valid JSON.", "BadRequestError")
         if not isinstance(body, dict):
             return openai_error(400, "Request body must be a JSON object.", "BadRequestError")
+        if "lora_path" in body:
+            return openai_error(
+                400, "'lora_path' is not accepted: name the adapter in 'model' ('<adapter>' or "
+                f"'{state.served_name}:<adapter>').", "BadRequestError")
         model = body.get("model")
         if model is not None and model != state.served_name:
             if not isinstance(model, str):

@@ -1,0 +1,1 @@
+"""Test double of SGLang (tests only): see launch_server.py."""
