@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import httpx
 from starlette.applications import Starlette
@@ -20,14 +22,18 @@ from starlette.routing import Route
 
 from . import __version__
 from .backends import Backend
-from .registry import Registry, State, Traffic
+from .metrics import Metrics
+from .registry import AdapterRecord, Registry, State, Traffic
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
-# Hop-by-hop and length headers are the proxy's own business.
-DROP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
-                "content-encoding"}
+# Hop-by-hop and length headers are the proxy's own business; asking the backend not to compress
+# keeps the bytes we stream through exactly what its headers say.
+REQUEST_DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
+                "accept-encoding"}
+RESPONSE_DROP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+access_log = logging.getLogger("entrypoint.access")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class GatewayState:
     backend_up: bool = False
     static_mode: bool = False
     metadata: dict = field(default_factory=dict)
+    metrics: Metrics | None = None
 
 
 def openai_error(status: int, message: str, kind: str, code: str | int | None = None) -> Response:
@@ -68,22 +75,58 @@ def not_found(state: GatewayState, model: str, name: str) -> Response:
     return openai_error(404, message, "NotFoundError", "model_not_found")
 
 
+def describe(record: AdapterRecord) -> dict:
+    """An adapter as `/v1/adapters` shows it."""
+    return {
+        "name": record.name,
+        "state": record.state.value,
+        "ready": record.loaded_path is not None and record.state in (State.READY, State.LOADING),
+        "reason": record.reason or None,
+        "rank": record.rank,
+        "size": record.size,
+        "version": record.version,
+        "served_version": record.loaded_version or None,
+        "source": str(record.source) if record.source else None,
+        "since": datetime.fromtimestamp(record.since, UTC).isoformat(timespec="seconds"),
+    }
+
+
 def _forward_headers(request: Request) -> dict[str, str]:
-    return {k: v for k, v in request.headers.items() if k.lower() not in DROP_HEADERS}
+    return {k: v for k, v in request.headers.items() if k.lower() not in REQUEST_DROP}
+
+
+async def read_body(request: Request) -> bytes | Response:
+    """The request body, or a 413 as soon as it is known to be over the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return openai_error(413, f"Request body over {MAX_BODY_BYTES >> 20} MiB.",
+                            "BadRequestError")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return openai_error(413, f"Request body over {MAX_BODY_BYTES >> 20} MiB.",
+                                "BadRequestError")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _proxy(
     state: GatewayState, request: Request, content: bytes | None,
-    done: Callable[[], None] = lambda: None,
+    done: Callable[[int], None] = lambda status: None,
 ) -> Response:
-    """Forward to the backend and stream the answer back; `done` runs once when it is over."""
+    """Forward to the backend and stream the answer back.
+
+    `done(status)` runs once when it is over: after the last chunk, when the client goes away
+    (which closes the upstream request, so the backend stops generating), or on an error.
+    """
     finished = False
 
-    def finish() -> None:
+    def finish(status: int) -> None:
         nonlocal finished
         if not finished:
             finished = True
-            done()
+            done(status)
 
     upstream = state.client.build_request(
         request.method,
@@ -95,28 +138,54 @@ async def _proxy(
     try:
         response = await state.client.send(upstream, stream=True)
     except httpx.TimeoutException:
-        finish()
+        finish(504)
         return openai_error(504, "The backend did not answer in time.", "GatewayTimeout")
     except httpx.HTTPError as exc:
-        finish()
+        finish(502)
         return openai_error(502, f"The backend is not reachable ({type(exc).__name__}).",
                             "BadGateway")
+
+    event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
 
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in response.aiter_raw():
                 yield chunk
+        except httpx.HTTPError as exc:  # the backend went away mid-answer: end, never hang
+            log.warning("backend stream broke off (%s)", type(exc).__name__)
+            if event_stream:
+                error = {"error": {"message": "The backend stopped answering mid-stream.",
+                                   "type": "BadGateway", "param": None, "code": 502}}
+                yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             await response.aclose()
-            finish()
+            finish(response.status_code)
 
     async def cleanup() -> None:
         await response.aclose()
-        finish()
+        finish(response.status_code)
 
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in DROP_HEADERS}
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in RESPONSE_DROP}
     return StreamingResponse(body(), status_code=response.status_code, headers=headers,
                              background=BackgroundTask(cleanup))
+
+
+def record_request(
+    state: GatewayState, request: Request, *, model: str | None, adapter: str, status: int,
+    started: float,
+) -> None:
+    """Count one inference request and log it (a JSON object per line with NIM_JSONL_LOGGING)."""
+    if state.metrics is not None:
+        state.metrics.request(adapter, status)
+    if access_log.isEnabledFor(logging.INFO):
+        duration = (time.perf_counter() - started) * 1000
+        access_log.info(
+            "%s %s model=%s adapter=%s status=%d %.1f ms", request.method, request.url.path,
+            model, adapter or "-", status, duration,
+            extra={"fields": {"method": request.method, "path": request.url.path,
+                              "model": model, "adapter": adapter or None, "status": status,
+                              "duration_ms": round(duration, 2)}},
+        )
 
 
 def build_app(state: GatewayState) -> Starlette:
@@ -153,26 +222,36 @@ def build_app(state: GatewayState) -> Starlette:
         return JSONResponse({"object": "list", "data": served})
 
     async def inference(request: Request) -> Response:
+        started = time.perf_counter()
+        seen: dict = {"model": None, "adapter": "", "forwarded": False}
+        response = await route(request, seen, started)
+        if not seen["forwarded"]:  # a forwarded request is counted when its stream is over
+            record_request(state, request, model=seen["model"], adapter=seen["adapter"],
+                           status=response.status_code, started=started)
+        return response
+
+    async def route(request: Request, seen: dict, started: float) -> Response:
         if not state.backend_up:
             return openai_error(503, "The model is still starting.", "ServiceUnavailable")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            return openai_error(413, "Request body too large.", "BadRequestError")
+        raw = await read_body(request)
+        if isinstance(raw, Response):
+            return raw
         try:
             body = json.loads(raw)
         except ValueError:
             return openai_error(400, "Request body is not valid JSON.", "BadRequestError")
         if not isinstance(body, dict):
             return openai_error(400, "Request body must be a JSON object.", "BadRequestError")
+        model = seen["model"] = body.get("model")
         if "lora_path" in body:
             return openai_error(
                 400, "'lora_path' is not accepted: name the adapter in 'model' ('<adapter>' or "
                 f"'{state.served_name}:<adapter>').", "BadRequestError")
-        model = body.get("model")
+        name = ""
         if model is not None and model != state.served_name:
             if not isinstance(model, str):
                 return openai_error(400, "'model' must be a string.", "BadRequestError")
-            name = model.removeprefix(state.served_name + ":")
+            name = seen["adapter"] = model.removeprefix(state.served_name + ":")
             if state.registry.ready(name) is None:
                 return not_found(state, model, name)
             await state.traffic.enter(name)  # waits while its weights are being swapped
@@ -181,8 +260,39 @@ def build_app(state: GatewayState) -> Starlette:
                 return not_found(state, model, name)
             body["model"] = state.backend.request_model(state.served_name, name)
             raw = json.dumps(body).encode()
-            return await _proxy(state, request, raw, done=lambda: state.traffic.leave(name))
-        return await _proxy(state, request, raw)
+
+        def done(status: int) -> None:
+            if name:
+                state.traffic.leave(name)
+            record_request(state, request, model=model, adapter=name, status=status,
+                           started=started)
+
+        seen["forwarded"] = True
+        return await _proxy(state, request, raw, done=done)
+
+    async def adapters(request: Request) -> Response:
+        return JSONResponse({"object": "list",
+                             "data": [describe(r) for r in state.registry.records()]})
+
+    async def adapter(request: Request) -> Response:
+        name = request.path_params["name"]
+        record = state.registry.get(name)
+        if record is None:
+            return openai_error(404, f"No adapter folder named '{name}' has been seen.",
+                                "NotFoundError", "adapter_not_found")
+        return JSONResponse(describe(record))
+
+    async def metrics(request: Request) -> Response:
+        own = state.metrics.render() if state.metrics is not None else b""
+        backend = b""
+        if state.backend_up:
+            try:
+                upstream = await state.client.get(state.backend.metrics_path, timeout=5)
+                if upstream.status_code == 200:
+                    backend = upstream.content
+            except httpx.HTTPError:
+                pass
+        return Response(own + backend, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def metadata(request: Request) -> Response:
         return JSONResponse(state.metadata)
@@ -198,6 +308,9 @@ def build_app(state: GatewayState) -> Starlette:
         Route("/v1/health/ready", ready, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/metadata", metadata, methods=["GET"]),
+        Route("/v1/metrics", metrics, methods=["GET"]),
+        Route("/v1/adapters", adapters, methods=["GET"]),
+        Route("/v1/adapters/{name}", adapter, methods=["GET"]),
         Route("/v1/version", version, methods=["GET"]),
         Route("/v1/completions", inference, methods=["POST"]),
         Route("/v1/chat/completions", inference, methods=["POST"]),

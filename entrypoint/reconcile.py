@@ -19,6 +19,7 @@ import httpx
 
 from .adapters import AdapterFolder, AdapterScanner
 from .backends import Backend, Outcome
+from .metrics import Metrics
 from .registry import AdapterRecord, Registry, State, Traffic
 from .snapshots import SnapshotChanged, SnapshotStore
 
@@ -44,6 +45,7 @@ class Reconciler:
         max_rank: int | None,
         snapshots: SnapshotStore | None = None,
         traffic: Traffic | None = None,
+        metrics: Metrics | None = None,
         parallel: int = 8,
         wake: Callable[[], None] | None = None,
     ) -> None:
@@ -53,6 +55,7 @@ class Reconciler:
         self.scanner = AdapterScanner(source, max_rank=max_rank, served_name=served_name)
         self.snapshots = snapshots
         self.traffic = traffic or Traffic()
+        self.metrics = metrics
         self._slots = asyncio.Semaphore(parallel)
         self._work: dict[str, asyncio.Task[None]] = {}
         self._retry: dict[str, tuple[int, float]] = {}  # name -> (attempts, not before)
@@ -72,6 +75,8 @@ class Reconciler:
             started = time.perf_counter()
             folders = await asyncio.to_thread(self.scanner.scan)
             self.last_scan_secs = time.perf_counter() - started
+            if self.metrics is not None:
+                self.metrics.scan_seconds.observe(self.last_scan_secs)
             try:
                 actual: dict[str, str] | None = await self.backend.loaded(self.client)
             except (httpx.HTTPError, ValueError) as exc:
@@ -157,6 +162,8 @@ class Reconciler:
                                         size=folder.size, reason=reason))
         if self._reported.get(folder.name) != reason:
             self._reported[folder.name] = reason
+            if not folder.pending:
+                self._count("failures", "invalid")
             level = logging.INFO if folder.pending else logging.WARNING
             verb = "waiting" if folder.pending else "skipped"
             log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.path)
@@ -204,9 +211,10 @@ class Reconciler:
             self._forget(name)
             self.registry.update(name, state=State.READY, loaded_path=path,
                                  loaded_version=folder.fingerprint, reason="")
+            took = time.monotonic() - started
             log.info("adapter %s: %s in %.0f ms (rank %s, %s)", name,
-                     "reloaded" if inplace else "loaded",
-                     (time.monotonic() - started) * 1000, folder.rank, folder.path)
+                     "reloaded" if inplace else "loaded", took * 1000, folder.rank, folder.path)
+            self._count("loads", "reloaded" if inplace else "loaded", seconds=took)
             if old_path is not None and old_path != path:
                 await self._release(old_path)
             return
@@ -214,8 +222,10 @@ class Reconciler:
             await self._release(path)
         if reply.outcome is Outcome.REFUSED:
             self._retry.pop(name, None)
+            self._count("failures", "refused")
             self._fail(folder, record if serving else None, reply.message)
             return
+        self._count("failures", "transient")
         self._schedule_retry(name, reply.message)
         if serving:
             self.registry.update(name, state=State.READY,
@@ -250,6 +260,7 @@ class Reconciler:
             self.registry.drop(name)
             self._forget(name)
             log.info("adapter %s: unloaded (folder removed)", name)
+            self._count("unloads")
             await self._release(record.loaded_path)
         else:
             self._schedule_retry(name, reply.message)
@@ -261,6 +272,14 @@ class Reconciler:
         if any(r.loaded_path == path for r in self.registry.records()):
             return
         await asyncio.to_thread(shutil.rmtree, path, True)
+
+    def _count(self, metric: str, label: str | None = None, *, seconds: float = 0.0) -> None:
+        if self.metrics is None:
+            return
+        counter = getattr(self.metrics, metric)
+        (counter.labels(label) if label else counter).inc()
+        if seconds:
+            self.metrics.load_seconds.observe(seconds)
 
     def _forget(self, name: str) -> None:
         self._retry.pop(name, None)

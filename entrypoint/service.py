@@ -22,6 +22,7 @@ from .adapters import AdapterFolder, scan_source
 from .gateway import GatewayState, build_app
 from .hardware import detect_gpus
 from .launch import LaunchPlan, build_launch_plan
+from .metrics import Metrics
 from .profiles import load_profiles, model_parameters, select_profile
 from .reconcile import Reconciler
 from .registry import AdapterRecord, Registry, State
@@ -150,6 +151,7 @@ class Service:
         self.plan = startup.plan
         self.host = host
         self.registry = Registry()
+        self.metrics = Metrics(self.registry)
         self.stopping = asyncio.Event()
         self.process = BackendProcess(
             self.plan.argv, self.plan.env, label=self.plan.backend.name,
@@ -172,6 +174,7 @@ class Service:
             client=self.proxy_client,
             static_mode=not self.settings.dynamic,
             metadata=self.describe(),
+            metrics=self.metrics,
         )
         self.snapshots = snapshots
         self.reconciler: Reconciler | None = None
@@ -187,6 +190,7 @@ class Service:
                 max_rank=self.plan.max_lora_rank,
                 snapshots=snapshots,
                 traffic=self.gateway.traffic,
+                metrics=self.metrics,
                 wake=lambda: self.watcher and self.watcher.poke(),
             )
             self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync,

@@ -62,6 +62,8 @@ class Backend(ABC):
     max_rank: ClassVar[int]
     #: GET this path on the backend until it answers 200
     readiness_path: ClassVar[str] = "/health"
+    #: the engine's own Prometheus metrics, appended to `/v1/metrics`
+    metrics_path: ClassVar[str] = "/metrics"
     #: Python distributions that provide the engine, in order of preference
     packages: ClassVar[tuple[str, ...]] = ()
 

@@ -133,6 +133,45 @@ def test_metadata_reports_profile_and_backend(server):
     assert server.http.get("/v1/load_lora_adapter").status_code == 404  # admin stays private
 
 
+def test_adapters_endpoint_tells_the_truth(server):
+    listed = {a["name"]: a for a in server.http.get("/v1/adapters").json()["data"]}
+    assert listed["alpha"]["state"] == "ready" and listed["alpha"]["ready"] is True
+    assert listed["alpha"]["rank"] == 8 and listed["alpha"]["source"].endswith("/loras/alpha")
+    assert listed["dora"]["state"] == "failed" and "DoRA" in listed["dora"]["reason"]
+    assert listed["big"]["state"] == "failed" and listed["big"]["rank"] == 64
+    assert server.http.get("/v1/adapters/alpha").json()["version"] == listed["alpha"]["version"]
+    cards = {c.id: c for c in server.openai.models.list().data}
+    assert cards["alpha"].root == listed["alpha"]["source"]  # the folder, not a snapshot
+    assert cards["alpha"].parent == "tiny"
+
+
+def running_in_vllm(server) -> float:
+    for line in server.http.get("/v1/metrics").text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("vLLM's metrics are not appended")
+
+
+def test_metrics_have_ours_and_vllms(server):
+    text = server.http.get("/v1/metrics").text
+    assert 'lora_adapters{state="ready"}' in text
+    assert 'lora_adapter_loads_total{kind="loaded"}' in text
+    assert 'lora_adapter_failures_total{reason="invalid"} 2.0' in text
+    assert 'lora_requests_total{adapter="alpha"}' in text
+    assert "lora_adapter_load_seconds_bucket" in text and "lora_scan_seconds_count" in text
+    assert running_in_vllm(server) == 0
+
+
+def test_a_client_that_goes_away_cancels_the_generation(server):
+    stream = server.openai.completions.create(model="alpha", prompt="Hello", max_tokens=400,
+                                              temperature=0, stream=True)
+    next(iter(stream))
+    assert running_in_vllm(server) == 1
+    stream.close()  # the client disconnects after the first chunk
+    server.wait_for(lambda: running_in_vllm(server) == 0, timeout=5,
+                    what="vLLM stopped generating")
+
+
 def test_sigterm_stops_everything(server):
     children = descendants(server.process.pid)
     assert children, "the backend runs as a child of the entrypoint"

@@ -6,6 +6,7 @@ file-system events, not the poll.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -38,6 +39,7 @@ def server(serve_factory, tiny_model, source):
             "NIM_PEFT_SOURCE": str(source),
             "NIM_PEFT_REFRESH_INTERVAL": "120",
             "NIM_MAX_LORA_RANK": "16",
+            "NIM_JSONL_LOGGING": "true",
         },
         name="hot",
     ).wait_ready()
@@ -156,3 +158,15 @@ def test_source_folder_edits_never_corrupt_what_is_served(server, source):
     time.sleep(1)
     assert server.complete("beta", LONG_PROMPT) == answer  # still the snapshot's weights
     weights.write_bytes(data)
+
+
+def test_jsonl_logs_carry_request_fields(server):
+    server.complete("beta")
+    entries = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    ours = [e for e in entries if e["logger"].startswith("entrypoint")]
+    assert any(e["logger"] == "entrypoint.reconcile" and "loaded" in e["message"] for e in ours)
+    requests = [e for e in ours if e["logger"] == "entrypoint.access"]
+    last = requests[-1]
+    assert (last["model"], last["adapter"], last["status"]) == ("beta", "beta", 200)
+    assert last["duration_ms"] > 0 and last["path"] == "/v1/completions"
+    assert any(e["logger"] == "backend" for e in entries)  # vLLM's lines, wrapped

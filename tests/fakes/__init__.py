@@ -1,0 +1,1 @@
+"""Test doubles and stand-ins (tests and benchmarks only)."""

@@ -1,0 +1,82 @@
+"""A fast stand-in for an OpenAI-compatible backend (tests and benchmarks only).
+
+Answers `/v1/models`, `/v1/completions`, `/v1/chat/completions` (streaming too) and `/metrics`
+at once, so what is measured through the gateway is the gateway's own cost. Prompts steer it:
+`hang` sleeps 30 s before answering; `die` streams two chunks and then drops the connection.
+Run: `python -m tests.fakes.upstream --port N [--served tiny] [--adapters a,b]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+def build(served: str, adapters: list[str]) -> Starlette:
+    async def models(request: Request) -> Response:
+        cards = [{"id": served, "object": "model", "root": "/models/" + served, "parent": None}]
+        cards += [{"id": a, "object": "model", "root": f"/snapshots/{a}", "parent": served}
+                  for a in adapters]
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def completions(request: Request) -> Response:
+        body = json.loads(await request.body())
+        prompt = str(body.get("prompt", ""))
+        if prompt == "hang":
+            await asyncio.sleep(30)
+        text = f"{body.get('model')} says hi"
+        if body.get("stream"):
+            chunks = int(body.get("max_tokens") or 4)
+
+            async def stream():
+                for i in range(chunks):
+                    if prompt == "die" and i == 2:
+                        raise ConnectionError("upstream died")
+                    data = {"object": "text_completion", "model": body.get("model"),
+                            "choices": [{"index": 0, "text": f" w{i}", "finish_reason": None}]}
+                    yield f"data: {json.dumps(data)}\n\n".encode()
+                    await asyncio.sleep(float(body.get("delay", 0)))
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+        return JSONResponse({"object": "text_completion", "model": body.get("model"),
+                             "choices": [{"index": 0, "text": text, "finish_reason": "stop"}]})
+
+    async def metrics(request: Request) -> Response:
+        return Response("# TYPE vllm:num_requests_running gauge\n"
+                        'vllm:num_requests_running{model_name="' + served + '"} 0.0\n',
+                        media_type="text/plain")
+
+    async def admin(request: Request) -> Response:
+        return Response("Success: admin route reached", status_code=200)
+
+    return Starlette(routes=[
+        Route("/v1/models", models),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", completions, methods=["POST"]),
+        Route("/metrics", metrics),
+        Route("/v1/load_lora_adapter", admin, methods=["POST"]),
+        Route("/health", lambda request: Response("ok")),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--served", default="tiny")
+    parser.add_argument("--adapters", default="")
+    args = parser.parse_args()
+    adapters = [a for a in args.adapters.split(",") if a]
+    uvicorn.run(build(args.served, adapters), host="127.0.0.1", port=args.port,
+                log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

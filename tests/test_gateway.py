@@ -1,0 +1,182 @@
+"""The public port against a fast stand-in backend: names, errors, limits, adapters, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from entrypoint.backends.vllm import VLLMBackend
+from entrypoint.gateway import MAX_BODY_BYTES, GatewayState, build_app
+from entrypoint.logs import JSONLineFormatter
+from entrypoint.metrics import Metrics
+from entrypoint.registry import AdapterRecord, Registry, State
+from tests.e2e.server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.fakes.upstream", "--port",
+                                str(port), "--adapters", "alpha,ghost"], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url + "/health")
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield url
+    process.kill()
+    process.wait(10)
+
+
+def make_state(upstream: str, *, timeout: float = 5.0) -> GatewayState:
+    registry = Registry()
+    registry.put(AdapterRecord(name="alpha", state=State.READY, source=Path("/loras/alpha"),
+                               loaded_path=Path("/snap/alpha-1"), version="v1",
+                               loaded_version="v1", rank=8, size=100))
+    registry.put(AdapterRecord(name="copying", state=State.PENDING, version="v0",
+                               reason="incomplete: weights file still being written"))
+    registry.put(AdapterRecord(name="big", state=State.FAILED, rank=64, version="v2",
+                               reason="rank 64 is above NIM_MAX_LORA_RANK=16"))
+    registry.put(AdapterRecord(name="first", state=State.LOADING, version="v3"))
+    state = GatewayState(served_name="tiny", backend=VLLMBackend(), registry=registry,
+                         client=None, ready=True, backend_up=True, metrics=Metrics(registry))
+    state.upstream = (upstream, timeout)
+    return state
+
+
+def run(state: GatewayState, method: str, path: str, **kwargs) -> httpx.Response:
+    async def go() -> httpx.Response:
+        url, timeout = state.upstream
+        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout, connect=2)) as up:
+            state.client = up  # the gateway's client to the backend, in this event loop
+            transport = httpx.ASGITransport(app=build_app(state))
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def complete(state, model, **extra):
+    return run(state, "POST", "/v1/completions",
+               json={"model": model, "prompt": "hi", "max_tokens": 2, **extra})
+
+
+def test_names_are_translated_and_forwarded(upstream):
+    state = make_state(upstream)
+    assert complete(state, "tiny").json()["model"] == "tiny"
+    assert complete(state, "alpha").json()["model"] == "alpha"
+    assert complete(state, "tiny:alpha").json()["model"] == "alpha"
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ("zeta", "The model 'zeta' does not exist."),
+    ("tiny:zeta", "The model 'tiny:zeta' does not exist."),
+    ("copying", "The adapter 'copying' is not ready yet: incomplete: weights file still"),
+    ("first", "The adapter 'first' is still loading"),
+    ("big", "The adapter 'big' failed to load: rank 64 is above NIM_MAX_LORA_RANK=16"),
+    ("ghost", "The model 'ghost' does not exist."),  # in the backend but not ours
+])
+def test_not_ready_names_get_an_openai_404(upstream, model, message):
+    reply = complete(make_state(upstream), model)
+    assert reply.status_code == 404
+    error = reply.json()["error"]
+    assert error["message"].startswith(message)
+    assert error["type"] == "NotFoundError" and error["code"] == "model_not_found"
+
+
+def test_models_lists_base_and_ready_adapters_with_their_folders(upstream):
+    cards = run(make_state(upstream), "GET", "/v1/models").json()["data"]
+    assert [(c["id"], c["root"], c["parent"]) for c in cards] == [
+        ("tiny", "/models/tiny", None), ("alpha", "/loras/alpha", "tiny")]
+
+
+def test_adapters_endpoint_reports_every_folder(upstream):
+    state = make_state(upstream)
+    listed = run(state, "GET", "/v1/adapters").json()["data"]
+    assert [(a["name"], a["state"], a["ready"]) for a in listed] == [
+        ("alpha", "ready", True), ("big", "failed", False), ("copying", "pending", False),
+        ("first", "loading", False)]
+    big = run(state, "GET", "/v1/adapters/big").json()
+    assert big["reason"] == "rank 64 is above NIM_MAX_LORA_RANK=16" and big["rank"] == 64
+    assert big["version"] == "v2" and big["since"].endswith("+00:00")
+    assert run(state, "GET", "/v1/adapters/nope").status_code == 404
+
+
+@pytest.mark.parametrize(("kwargs", "status", "message"), [
+    ({"content": b"{not json"}, 400, "not valid JSON"),
+    ({"content": b"[1, 2]"}, 400, "must be a JSON object"),
+    ({"json": {"model": 7, "prompt": "x"}}, 400, "'model' must be a string"),
+    ({"json": {"model": "tiny", "prompt": "x", "lora_path": "alpha"}}, 400, "'lora_path'"),
+    ({"content": b"x" * (MAX_BODY_BYTES + 1)}, 413, "Request body over 32 MiB"),
+])
+def test_bad_bodies_never_reach_the_backend(upstream, kwargs, status, message):
+    reply = run(make_state(upstream), "POST", "/v1/completions",
+                headers={"content-type": "application/json"}, **kwargs)
+    assert reply.status_code == status
+    assert message in reply.json()["error"]["message"]
+
+
+def test_admin_and_unknown_routes_are_404(upstream):
+    state = make_state(upstream)
+    for method, path in (("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"),
+                         ("GET", "/metrics"), ("GET", "/health"), ("GET", "/nope")):
+        reply = run(state, method, path, json={"lora_name": "x", "lora_path": "/etc"})
+        assert reply.status_code == 404 and reply.json()["error"]["type"] == "NotFoundError"
+
+
+def test_backend_down_is_a_502_and_slow_is_a_504(upstream):
+    down = make_state(f"http://127.0.0.1:{free_port()}")
+    reply = complete(down, "tiny")
+    assert reply.status_code == 502 and "not reachable" in reply.json()["error"]["message"]
+    slow = make_state(upstream, timeout=0.5)
+    start = time.monotonic()
+    reply = run(slow, "POST", "/v1/completions", json={"model": "tiny", "prompt": "hang"})
+    assert reply.status_code == 504 and time.monotonic() - start < 5
+
+
+def test_streams_pass_through_and_a_dying_backend_ends_the_stream(upstream):
+    state = make_state(upstream)
+    reply = complete(state, "alpha", stream=True, max_tokens=5)
+    events = [line for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert len(events) == 6 and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["model"] == "alpha"
+    cut = run(state, "POST", "/v1/completions",
+              json={"model": "tiny", "prompt": "die", "stream": True, "max_tokens": 5})
+    assert cut.text.count("data: ") == 3  # two chunks, then an error event: ended, not hung
+    assert "stopped answering mid-stream" in cut.text.splitlines()[-2]
+    assert state.traffic.running("alpha") == 0
+
+
+def test_metrics_count_requests_and_append_the_backends(upstream):
+    state = make_state(upstream)
+    complete(state, "alpha")
+    complete(state, "alpha")
+    complete(state, "zeta")
+    text = run(state, "GET", "/v1/metrics").text
+    assert 'lora_requests_total{adapter="alpha"} 2.0' in text
+    assert 'lora_request_errors_total{adapter="zeta",status="404"} 1.0' in text
+    assert 'lora_adapters{state="failed"} 1.0' in text
+    assert 'lora_adapter_ready{adapter="alpha"} 1.0' in text
+    assert "vllm:num_requests_running" in text  # the backend's own, appended
+
+
+def test_request_logs_as_json_lines(upstream, caplog):
+    caplog.set_level(logging.INFO, logger="entrypoint.access")
+    complete(make_state(upstream), "tiny:alpha")
+    record = next(r for r in caplog.records if r.name == "entrypoint.access")
+    entry = json.loads(JSONLineFormatter().format(record))
+    assert entry["model"] == "tiny:alpha" and entry["adapter"] == "alpha"
+    assert entry["status"] == 200 and entry["duration_ms"] >= 0
+    assert entry["path"] == "/v1/completions" and entry["level"] == "INFO"
