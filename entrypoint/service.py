@@ -126,6 +126,20 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+#: how the public port's server runs (the gateway benchmark uses the same)
+GATEWAY_SERVER_OPTIONS = {"log_config": None, "access_log": False, "lifespan": "off",
+                          "timeout_graceful_shutdown": 5}
+
+
+def proxy_client(base_url: str) -> httpx.AsyncClient:
+    """The gateway's client to the backend: pooled keep-alive connections, long reads."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(600.0, connect=5.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+    )
+
+
 class _GatewayServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service owns the signals."""
 
@@ -162,11 +176,7 @@ class Service:
             timeout=httpx.Timeout(self.settings.peft_api_timeout_secs, connect=5.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
-        self.proxy_client = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.plan.port}",
-            timeout=httpx.Timeout(600.0, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        )
+        self.proxy_client = proxy_client(f"http://127.0.0.1:{self.plan.port}")
         self.gateway = GatewayState(
             served_name=self.settings.served_name,
             backend=self.plan.backend,
@@ -217,8 +227,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         sock = listen(self.host, self.settings.server_port)
-        config = uvicorn.Config(build_app(self.gateway), log_config=None, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(build_app(self.gateway), **GATEWAY_SERVER_OPTIONS)
         server = _GatewayServer(config)
         gateway_task = asyncio.create_task(server.serve(sockets=[sock]))
         log.info("public port %s:%d; starting %s with profile %s", self.host,
