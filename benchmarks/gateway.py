@@ -95,13 +95,34 @@ async def first_chunk(url: str, count: int, tokens: int) -> list[float]:
     return out
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (this one when `pid` is None)."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_profile(url: str, clients: int, seconds: float, pids: dict[str, int | None]) -> dict:
+    """Throughput plus the CPU each process spent per request: where the time goes."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    start = time.perf_counter()
+    rps = asyncio.run(throughput(url, clients, seconds))
+    wall = time.perf_counter() - start
+    done = rps * wall
+    return {"rps": round(rps, 1), "cpu_ms_per_request": {
+        name: round((cpu_seconds(pid) - before[name]) / done * 1000, 3)
+        for name, pid in pids.items()}}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def compare(direct: str, public: str, *, requests: int, seconds: float, ttft: int,
-            tokens: int) -> dict:
+            tokens: int, pids: dict[str, int | None] | None = None) -> dict:
     result: dict = {}
     for url in (direct, public):
         asyncio.run(latencies(url, 20))  # warm up connections and caches
@@ -119,6 +140,12 @@ def compare(direct: str, public: str, *, requests: int, seconds: float, ttft: in
         result["rps"][str(clients)] = {"direct": round(direct_rps, 1),
                                        "gateway": round(public_rps, 1),
                                        "ratio": round(public_rps / direct_rps, 3)}
+    if pids:
+        gateway_pid = pids.pop("gateway")
+        result["cpu_at_32_clients"] = {
+            "direct": cpu_profile(direct, 32, seconds, dict(pids)),
+            "gateway": cpu_profile(public, 32, seconds, {**pids, "gateway": gateway_pid}),
+        }
     first = {label: asyncio.run(first_chunk(url, ttft, tokens))
              for label, url in (("direct", direct), ("gateway", public))}
     result["first_chunk_ms"] = {label: {"median": round(statistics.median(v) * 1000, 3),
@@ -155,8 +182,9 @@ def standin_run(args: argparse.Namespace) -> dict:
     try:
         wait_http(direct + "/health")
         wait_http(public + "/v1/health/live")
+        pids = {"load_generator": None, "upstream": upstream.pid, "gateway": gateway.pid}
         return compare(direct, public, requests=args.requests, seconds=args.seconds, ttft=200,
-                       tokens=4)
+                       tokens=4, pids=pids)
     finally:
         for process in (gateway, upstream):
             process.kill()

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import httpx
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -24,10 +23,12 @@ from . import __version__
 from .backends import Backend
 from .metrics import Metrics
 from .registry import AdapterRecord, Registry, State, Traffic
+from .upstream import Timeout, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
+SMALL_BODY_BYTES = 1 << 20  # answers up to this size with a known length are sent in one piece
 # Hop-by-hop and length headers are the proxy's own business; asking the backend not to compress
 # keeps the bytes we stream through exactly what its headers say.
 REQUEST_DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
@@ -43,7 +44,7 @@ class GatewayState:
     served_name: str
     backend: Backend
     registry: Registry
-    client: httpx.AsyncClient
+    client: Upstream
     traffic: Traffic = field(default_factory=Traffic)
     ready: bool = False
     backend_up: bool = False
@@ -118,7 +119,7 @@ async def _proxy(
     """Forward to the backend and stream the answer back.
 
     `done(status)` runs once when it is over: after the last chunk, when the client goes away
-    (which closes the upstream request, so the backend stops generating), or on an error.
+    (which closes the upstream connection, so the backend stops generating), or on an error.
     """
     finished = False
 
@@ -128,45 +129,52 @@ async def _proxy(
             finished = True
             done(status)
 
-    upstream = state.client.build_request(
-        request.method,
-        request.url.path,
-        params=request.query_params,
-        headers=_forward_headers(request),
-        content=content,
-    )
     try:
-        response = await state.client.send(upstream, stream=True)
-    except httpx.TimeoutException:
+        response = await state.client.send(
+            request.method, request.url.path, headers=_forward_headers(request), body=content,
+            query=request.url.query,
+        )
+    except Timeout:
         finish(504)
         return openai_error(504, "The backend did not answer in time.", "GatewayTimeout")
-    except httpx.HTTPError as exc:
+    except UpstreamError as exc:
         finish(502)
         return openai_error(502, f"The backend is not reachable ({type(exc).__name__}).",
                             "BadGateway")
-
     event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in RESPONSE_DROP}
+    length = response.content_length
+    if not event_stream and length is not None and length <= SMALL_BODY_BYTES:
+        # A whole small answer (a non-streamed completion) is already on its way: one send.
+        try:
+            content = await response.read()
+        except (UpstreamError, TimeoutError):
+            finish(502)
+            return openai_error(502, "The backend stopped answering mid-response.", "BadGateway")
+        finally:
+            response.release()
+        finish(response.status)
+        return Response(content, status_code=response.status, headers=headers)
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 yield chunk
-        except httpx.HTTPError as exc:  # the backend went away mid-answer: end, never hang
+        except (UpstreamError, TimeoutError) as exc:  # the backend went away mid-answer
             log.warning("backend stream broke off (%s)", type(exc).__name__)
             if event_stream:
                 error = {"error": {"message": "The backend stopped answering mid-stream.",
                                    "type": "BadGateway", "param": None, "code": 502}}
                 yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
-            await response.aclose()
-            finish(response.status_code)
+            response.close()
+            finish(response.status)
 
     async def cleanup() -> None:
-        await response.aclose()
-        finish(response.status_code)
+        response.close()
+        finish(response.status)
 
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in RESPONSE_DROP}
-    return StreamingResponse(body(), status_code=response.status_code, headers=headers,
+    return StreamingResponse(body(), status_code=response.status, headers=headers,
                              background=BackgroundTask(cleanup))
 
 
@@ -206,9 +214,9 @@ def build_app(state: GatewayState) -> Starlette:
         if not state.backend_up:
             return openai_error(503, "The model is still starting.", "ServiceUnavailable")
         try:
-            response = await state.client.get("/v1/models")
-            cards = response.json().get("data", [])
-        except (httpx.HTTPError, ValueError) as exc:
+            _, content = await state.client.get("/v1/models", timeout=30)
+            cards = json.loads(content).get("data", [])
+        except (UpstreamError, TimeoutError, ValueError) as exc:
             return openai_error(502, f"The backend is not reachable ({type(exc).__name__}).",
                                 "BadGateway")
         served = []
@@ -258,8 +266,10 @@ def build_app(state: GatewayState) -> Starlette:
             if state.registry.ready(name) is None:  # removed while we waited
                 state.traffic.leave(name)
                 return not_found(state, model, name)
-            body["model"] = state.backend.request_model(state.served_name, name)
-            raw = json.dumps(body).encode()
+            wanted = state.backend.request_model(state.served_name, name)
+            if wanted != model:  # re-encode only when the name must change
+                body["model"] = wanted
+                raw = json.dumps(body).encode()
 
         def done(status: int) -> None:
             if name:
@@ -287,10 +297,10 @@ def build_app(state: GatewayState) -> Starlette:
         backend = b""
         if state.backend_up:
             try:
-                upstream = await state.client.get(state.backend.metrics_path, timeout=5)
-                if upstream.status_code == 200:
-                    backend = upstream.content
-            except httpx.HTTPError:
+                status, content = await state.client.get(state.backend.metrics_path, timeout=5)
+                if status == 200:
+                    backend = content
+            except (UpstreamError, TimeoutError):
                 pass
         return Response(own + backend, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -29,6 +29,7 @@ from .registry import AdapterRecord, Registry, State
 from .settings import ConfigError, Settings
 from .snapshots import SnapshotChanged, SnapshotStore
 from .supervisor import BackendProcess
+from .upstream import Upstream
 from .watcher import FolderWatcher
 
 log = logging.getLogger("entrypoint")
@@ -131,13 +132,9 @@ GATEWAY_SERVER_OPTIONS = {"log_config": None, "access_log": False, "lifespan": "
                           "timeout_graceful_shutdown": 5}
 
 
-def proxy_client(base_url: str) -> httpx.AsyncClient:
+def proxy_client(base_url: str) -> Upstream:
     """The gateway's client to the backend: pooled keep-alive connections, long reads."""
-    return httpx.AsyncClient(
-        base_url=base_url,
-        timeout=httpx.Timeout(600.0, connect=5.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-    )
+    return Upstream(base_url, read_timeout=600.0, connect_timeout=5.0)
 
 
 class _GatewayServer(uvicorn.Server):
@@ -241,7 +238,7 @@ class Service:
             await self.process.stop()
             await asyncio.wait({gateway_task}, timeout=10)
             await self.client.aclose()
-            await self.proxy_client.aclose()
+            await self.proxy_client.close()
             sock.close()
             if self.snapshots is not None:  # nothing serves them any more
                 await asyncio.to_thread(self.snapshots.remove_all)

@@ -18,6 +18,7 @@ from entrypoint.gateway import MAX_BODY_BYTES, GatewayState, build_app
 from entrypoint.logs import JSONLineFormatter
 from entrypoint.metrics import Metrics
 from entrypoint.registry import AdapterRecord, Registry, State
+from entrypoint.upstream import Upstream
 from tests.e2e.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,11 +60,13 @@ def make_state(upstream: str, *, timeout: float = 5.0) -> GatewayState:
 def run(state: GatewayState, method: str, path: str, **kwargs) -> httpx.Response:
     async def go() -> httpx.Response:
         url, timeout = state.upstream
-        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout, connect=2)) as up:
-            state.client = up  # the gateway's client to the backend, in this event loop
+        state.client = Upstream(url, read_timeout=timeout, connect_timeout=2)
+        try:
             transport = httpx.ASGITransport(app=build_app(state))
             async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
                 return await client.request(method, path, **kwargs)
+        finally:
+            await state.client.close()
 
     return asyncio.run(go())
 
