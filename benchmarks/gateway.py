@@ -38,7 +38,7 @@ def serve_gateway(upstream: str, port: int) -> None:
     from entrypoint.gateway import GatewayState, build_app
     from entrypoint.metrics import Metrics
     from entrypoint.registry import AdapterRecord, Registry, State
-    from entrypoint.service import GATEWAY_SERVER_OPTIONS, proxy_client
+    from entrypoint.service import GATEWAY_SERVER_OPTIONS, _GatewayServer, listen, proxy_client
 
     registry = Registry()
     registry.put(AdapterRecord(name="alpha", state=State.READY, source=Path("/loras/alpha"),
@@ -46,7 +46,9 @@ def serve_gateway(upstream: str, port: int) -> None:
     state = GatewayState(served_name="tiny", backend=VLLMBackend(), registry=registry,
                          client=proxy_client(upstream), ready=True, backend_up=True,
                          metrics=Metrics(registry))
-    uvicorn.run(build_app(state), host="127.0.0.1", port=port, **GATEWAY_SERVER_OPTIONS)
+    # Exactly as `serve` runs it: our own listening socket, uvicorn on it.
+    server = _GatewayServer(uvicorn.Config(build_app(state), **GATEWAY_SERVER_OPTIONS))
+    asyncio.run(server.serve(sockets=[listen("127.0.0.1", port)]))
 
 
 # ---- measuring ----
@@ -207,7 +209,7 @@ def vllm_run(args: argparse.Namespace) -> dict:
     subprocess.run(["cp", "-r", str(library / "alpha"), str(loras / "alpha")], check=True)
     server = Server({"NIM_MODEL_NAME": str(model), "NIM_SERVED_MODEL_NAME": "tiny",
                      "NIM_PEFT_SOURCE": str(loras), "NIM_PEFT_REFRESH_INTERVAL": "60",
-                     "NIM_LOG_LEVEL": "WARNING"}, work / "serve.log").start().wait_ready()
+                     }, work / "serve.log").start().wait_ready()
     try:
         port = re.search(r"--port (\d+)", server.logs()).group(1)
         return compare(f"http://127.0.0.1:{port}", server.url, requests=args.vllm_requests,

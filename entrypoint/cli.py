@@ -196,6 +196,14 @@ def check_adapters(
     raise typer.Exit(1 if any(not a.valid for a in adapters) else 0)
 
 
+@app.command("config-reference", hidden=True)
+def config_reference() -> None:
+    """Print docs/configuration.md, generated from the settings class."""
+    from .settings import configuration_reference
+
+    typer.echo(configuration_reference(), nl=False)
+
+
 @app.command()
 def demo(
     port: Annotated[int | None, typer.Option(help="Public port (NIM_SERVER_PORT).")] = None,

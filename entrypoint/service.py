@@ -28,7 +28,7 @@ from .reconcile import Reconciler
 from .registry import AdapterRecord, Registry, State
 from .settings import ConfigError, Settings
 from .snapshots import SnapshotChanged, SnapshotStore
-from .supervisor import BackendProcess
+from .supervisor import BackendProcess, become_subreaper, reap_orphans
 from .upstream import Upstream
 from .watcher import FolderWatcher
 
@@ -114,6 +114,9 @@ def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this: without it a response written as headers, then body,
+    # waits for the client's delayed ACK (40 ms per request on keep-alive connections).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -221,6 +224,7 @@ class Service:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        become_subreaper()  # orphaned backend helpers come to us, as to PID 1, and are reaped
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         sock = listen(self.host, self.settings.server_port)
@@ -229,19 +233,29 @@ class Service:
         gateway_task = asyncio.create_task(server.serve(sockets=[sock]))
         log.info("public port %s:%d; starting %s with profile %s", self.host,
                  self.settings.server_port, self.plan.backend.name, self.plan.profile.name)
+        reaper = asyncio.create_task(self._reap())
         try:
             return await self._run_backend()
         finally:
+            reaper.cancel()
             server.should_exit = True
             if self.reconciler is not None:
                 await self.reconciler.close()
             await self.process.stop()
+            reap_orphans(set())
             await asyncio.wait({gateway_task}, timeout=10)
             await self.client.aclose()
             await self.proxy_client.close()
             sock.close()
             if self.snapshots is not None:  # nothing serves them any more
                 await asyncio.to_thread(self.snapshots.remove_all)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            keep = {self.process.pid} if self.process.pid else set()
+            for pid in reap_orphans(keep):
+                log.debug("reaped orphaned process %d", pid)
 
     def _on_signal(self, sig: int) -> None:
         if not self.stopping.is_set():

@@ -65,12 +65,12 @@ class Settings(BaseSettings):
     )
     peft_refresh_interval: float | None = Field(
         default=None,
-        description="Seconds between scans of NIM_PEFT_SOURCE. Unset: static mode (adapters are "
-        "read once at start).",
+        description="Seconds between safety-net scans of NIM_PEFT_SOURCE (file-system events "
+        "trigger scans at once). Unset: static mode (adapters are read once at start).",
     )
     peft_watch_events: bool = Field(
         default=True,
-        description="(lora-entrypoint) React to file-system events in NIM_PEFT_SOURCE within "
+        description="(ours) React to file-system events in NIM_PEFT_SOURCE within "
         "~0.1 s; the interval poll always runs as well. Set false only to measure polling.",
     )
     max_gpu_loras: int = Field(
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     )
     profiles_path: Path | None = Field(
         default=None,
-        description="(lora-entrypoint) A folder of extra profile files (YAML), added to the "
+        description="(ours) A folder of extra profile files (YAML), added to the "
         "built-in ones; a file with a built-in profile's name replaces it.",
     )
     server_port: int = Field(default=8000, description="The public port.")
@@ -280,3 +280,29 @@ def load_settings(*, need_model: bool = True, **overrides: Any) -> Settings:
         raise ConfigError(_describe(exc.errors()[0])) from None
     settings.check_paths(need_model=need_model)
     return settings
+
+
+def configuration_reference() -> str:
+    """`docs/configuration.md`, generated from this class (a test keeps the two in step)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `entrypoint/settings.py` by `lora-entrypoint config-reference`; a test",
+        "fails when this file and the code disagree. Every setting is an environment variable;",
+        "`serve` options override them. Booleans read true/1/yes/on and false/0/no/off. A bad",
+        "value stops `serve` before the backend starts, with one line naming the variable.",
+        "Variables marked (ours) are this project's additions to NIM's set.",
+        "",
+        "| variable | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        variable = env_name(name)
+        if name == "model_name":
+            variable = "NIM_MODEL_NAME` / `NIM_MODEL_PATH"
+        kind = str(field.annotation).replace("pathlib.", "").replace("typing.", "")
+        kind = kind.replace("<class '", "").replace("'>", "").replace(" | None", " (optional)")
+        default = "unset" if field.default is None else f"`{field.default}`"
+        description = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{variable}` | {kind} | {default} | {description} |")
+    return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
 import os
 import signal
@@ -118,3 +119,58 @@ class BackendProcess:
             os.killpg(self.process.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants, as PID 1 does (Linux): they are then ours to reap.
+
+    A backend's helper processes whose parent dies are reparented to us instead of to the
+    container's init, so `reap_orphans` can collect them and nothing is left as a zombie.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans(keep: set[int]) -> list[int]:
+    """Collect every exited child that is not in `keep` (asyncio waits for those itself).
+
+    Peeks with WNOWAIT first, so the exit status of a child asyncio watches is never stolen.
+    """
+    reaped = []
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped
+        if info is None or info.si_pid == 0:
+            return reaped
+        if info.si_pid in keep:
+            # Our backend: asyncio reaps it. Reap any other exited child individually.
+            return reaped + _reap_others(keep)
+        os.waitpid(info.si_pid, 0)
+        reaped.append(info.si_pid)
+
+
+def _reap_others(keep: set[int]) -> list[int]:
+    reaped = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in keep:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            try:
+                os.waitpid(int(entry), os.WNOHANG)
+                reaped.append(int(entry))
+            except ChildProcessError:
+                pass
+    return reaped

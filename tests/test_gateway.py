@@ -183,3 +183,16 @@ def test_request_logs_as_json_lines(upstream, caplog):
     assert entry["model"] == "tiny:alpha" and entry["adapter"] == "alpha"
     assert entry["status"] == 200 and entry["duration_ms"] >= 0
     assert entry["path"] == "/v1/completions" and entry["level"] == "INFO"
+
+
+def test_public_socket_disables_nagle():
+    """Without TCP_NODELAY a keep-alive client waited 40 ms (delayed ACK) for every answer."""
+    import socket
+
+    from entrypoint.service import listen
+
+    sock = listen("127.0.0.1", free_port())
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        sock.close()

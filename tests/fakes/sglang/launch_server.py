@@ -14,16 +14,19 @@ depends on, including SGLang's traps:
   selects an adapter.
 It cannot run a model: completions are words drawn deterministically from the adapter's weights
 and the prompt, so different weights answer differently and the same weights the same.
-Every request it receives is appended to `$SGLANG_FAKE_LOG` (JSON lines) when that is set.
+Every request it receives is appended to `$SGLANG_FAKE_LOG` (JSON lines) when that is set;
+`$SGLANG_FAKE_ORPHAN_SECS` makes it leave an orphaned helper that exits after that many seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -270,7 +273,12 @@ class FakeSGLang:
         yield b"data: [DONE]\n\n"
 
     def app(self) -> Starlette:
-        return Starlette(routes=[
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette):
+            yield
+            print("[fake sglang] graceful shutdown", flush=True)  # after SIGTERM, not SIGKILL
+
+        return Starlette(lifespan=lifespan, routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/health_generate", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -287,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
         server = FakeSGLang(args)
     except AdapterError as exc:
         sys.exit(f"Failed to load LoRA adapter at start-up: {exc}")
+    orphan = os.environ.get("SGLANG_FAKE_ORPHAN_SECS")
+    if orphan:  # a helper that outlives its parent, as engine processes can (tests of reaping)
+        subprocess.Popen(["sh", "-c", f"sleep {float(orphan)} &"]).wait()
     print(f"[fake sglang] serving {server.served} on {args.host}:{args.port} "
           f"(max_lora_rank={server.rank}, target_modules={sorted(server.modules)})", flush=True)
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,53 @@
+"""PID-1 duties of the entrypoint, tested directly: started as a session leader (as in a
+container), it adopts and reaps orphaned descendants and forwards SIGTERM to the backend."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_adapter
+from tests.e2e.test_sglang import sglang_env
+
+pytestmark = pytest.mark.e2e
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """Direct children of `pid`: their state letter (Z = zombie)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found[int(entry.name)] = fields[0]
+    return found
+
+
+def test_orphans_are_adopted_and_reaped_and_sigterm_is_forwarded(
+    serve_factory, tmp_path, tiny_model, library
+):
+    source = tmp_path / "loras"
+    source.mkdir()
+    copy_adapter(library / "alpha", source / "alpha")
+    env = sglang_env(tmp_path, tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="30",
+                     SGLANG_FAKE_ORPHAN_SECS="2")
+    server = serve_factory(env, name="pid1").wait_ready(timeout=60)
+    pid = server.process.pid
+    # The backend's helper outlived its parent: it was reparented to the entrypoint...
+    adopted = [p for p in children_of(pid) if "sleep" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert adopted, children_of(pid)
+    # ...and once it exits, the entrypoint reaps it: no zombie is left behind.
+    server.wait_for(lambda: not [p for p, s in children_of(pid).items() if s == "Z"]
+                    and not any(p in children_of(pid) for p in adopted), timeout=10,
+                    what="orphan reaped")
+    assert server.complete("alpha")
+    backend = [p for p in children_of(pid)]
+    assert server.terminate(timeout=30) == 0
+    assert "[fake sglang] graceful shutdown" in server.logs()  # SIGTERM reached the backend
+    time.sleep(0.3)
+    assert not [p for p in backend if Path(f"/proc/{p}").exists()]
