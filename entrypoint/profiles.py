@@ -73,6 +73,9 @@ def load_profiles(*folders: Path) -> list[Profile]:
     profiles: dict[str, Profile] = {}
     for folder in (BUILTIN_DIR, *folders):
         if not folder.is_dir():
+            if folder == BUILTIN_DIR:
+                raise ConfigError(f"the built-in profiles folder {folder} is missing; install "
+                                  "the project from its source tree (pip install -e .)")
             raise ConfigError(f"NIM_PROFILES_PATH={folder}: no such folder; mount your profile "
                               "files there or unset it")
         for path in sorted(folder.glob("*.y*ml")):
