@@ -31,6 +31,6 @@ EXPOSE 8000
 # The entrypoint runs as PID 1: it forwards SIGTERM/SIGINT to the backend, adopts and reaps
 # orphaned processes, and exits 0 after a graceful stop (non-zero if the backend dies).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD python3 -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('NIM_SERVER_PORT', '8000') + '/v1/health/ready', timeout=4)" || exit 1
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v1/health/ready' % os.environ.get('NIM_SERVER_PORT', '8000'), timeout=4)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["lora-entrypoint", "serve"]
