@@ -124,17 +124,33 @@ class Server:
         self.http.close()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process whose parent chain reaches `pid`."""
-    parents: dict[int, int] = {}
+def processes() -> dict[int, tuple[int, str]]:
+    """Every process: pid -> (parent pid, state letter; Z = zombie), read from /proc."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
+            table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    entry = processes().get(pid)
+    return entry is not None and entry[1] != "Z"
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """Direct children of `pid`: their state letter."""
+    return {child: state for child, (parent, state) in processes().items() if parent == pid}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process whose parent chain reaches `pid`."""
+    parents = {child: parent for child, (parent, state) in processes().items() if state != "Z"}
     found = []
     for child in parents:
         p = child

@@ -9,23 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import copy_adapter
+from tests.e2e.server import children_of
 from tests.e2e.test_sglang import sglang_env
 
 pytestmark = pytest.mark.e2e
-
-
-def children_of(pid: int) -> dict[int, str]:
-    """Direct children of `pid`: their state letter (Z = zombie)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found[int(entry.name)] = fields[0]
-    return found
 
 
 def test_orphans_are_adopted_and_reaped_and_sigterm_is_forwarded(

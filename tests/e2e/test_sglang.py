@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import copy_adapter, edit_config, install_fake_smi
-from tests.e2e.server import descendants
+from tests.e2e.server import alive, descendants
 
 pytestmark = pytest.mark.e2e
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
@@ -139,8 +139,7 @@ def test_sigterm_stops_everything(server):
     assert server.terminate(timeout=30) == 0
     assert time.monotonic() - start < 30
     time.sleep(0.5)
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()
-                and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]]
+    assert not [pid for pid in children if alive(pid)]
 
 
 def test_static_mode(serve_factory, tmp_path_factory, tiny_model, library):

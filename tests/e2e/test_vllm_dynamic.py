@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import copy_adapter, edit_config
-from tests.e2e.server import descendants
+from tests.e2e.server import alive, descendants
 
 pytestmark = pytest.mark.e2e
 TIMES: dict[str, float] = {}
@@ -180,14 +180,6 @@ def test_sigterm_stops_everything(server):
     TIMES["sigterm_to_exit"] = time.monotonic() - start
     assert code == 0
     time.sleep(0.5)
-    left = [pid for pid in children if _alive(pid)]
+    left = [pid for pid in children if alive(pid)]
     assert not left, f"processes left behind: {left}"
     print("measured:", {k: round(v, 2) for k, v in TIMES.items()})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

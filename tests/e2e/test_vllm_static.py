@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import copy_adapter, edit_config
+from tests.e2e.server import children_of
 
 pytestmark = pytest.mark.e2e
 
@@ -67,14 +68,11 @@ def test_backend_death_makes_the_entrypoint_exit_non_zero(server):
 
 
 def _find_backend(parent: int) -> int:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in children_of(parent):
         try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if ppid == parent and b"vllm.entrypoints.openai.api_server" in cmdline:
-            return int(entry.name)
+        if b"vllm.entrypoints.openai.api_server" in cmdline:
+            return pid
     raise AssertionError("no vLLM child process found")
