@@ -12,7 +12,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 import uvicorn
@@ -81,10 +81,14 @@ def resolve(
         )
     port = backend_port or free_port()
     plan = build_launch_plan(settings, profile, adapters, port=port)
-    if settings.max_lora_rank is None and settings.peft_source is not None:
-        # Re-check the start-time adapters against the derived rank.
-        adapters = scan_source(settings.peft_source, max_rank=plan.max_lora_rank,
-                               served_name=settings.served_name)
+    # The derived rank covers every adapter found, up to the most the backend allows; mark the
+    # few above that (no second scan).
+    limit = plan.max_lora_rank
+    adapters = [
+        replace(a, problem=f"rank {a.rank} is above the largest rank {profile.backend} allows "
+                f"({limit})") if a.problem is None and (a.rank or 0) > limit else a
+        for a in adapters
+    ]
     if snapshots is not None and plan.static_adapters:
         paths = {}
         for folder in plan.static_adapters:
