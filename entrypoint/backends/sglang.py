@@ -88,7 +88,15 @@ class SGLangBackend(Backend):
         # A bare adapter name is silently served by the base model: always send the full form.
         return f"{served_name}:{adapter}" if adapter else served_name
 
-    async def _call(self, client: httpx.AsyncClient, path: str, body: dict) -> Reply | tuple:
+    async def _call(
+        self, client: httpx.AsyncClient, path: str, body: dict, *, on_400: Outcome,
+        known: tuple[tuple[str, Outcome], ...] = (),
+    ) -> Reply:
+        """POST to an admin route and read SGLang's `success`/`error_message` body.
+
+        SGLang answers 400 for every failure; `known` maps message fragments to outcomes, and
+        any other 400 is `on_400`.
+        """
         try:
             response = await client.post(path, json=body)
         except httpx.HTTPError as exc:
@@ -98,7 +106,12 @@ class SGLangBackend(Backend):
         except ValueError:
             data = {}
         message = str(data.get("error_message") or response.text.strip())
-        return response.status_code, bool(data.get("success")), message
+        if response.status_code == 200 and data.get("success"):
+            return Reply(Outcome.DONE)
+        if response.status_code == 400:
+            outcome = next((o for fragment, o in known if fragment in message), on_400)
+            return Reply(outcome, message)
+        return Reply(Outcome.TRANSIENT, f"HTTP {response.status_code}: {message}")
 
     async def load(
         self, client: httpx.AsyncClient, name: str, path: Path, *, replace: bool = False
@@ -107,26 +120,11 @@ class SGLangBackend(Backend):
             gone = await self.unload(client, name)
             if gone.outcome is Outcome.TRANSIENT:
                 return gone
-        result = await self._call(client, "/load_lora_adapter",
-                                  {"lora_name": name, "lora_path": str(path), "pinned": False})
-        if isinstance(result, Reply):
-            return result
-        status, success, message = result
-        if status == 200 and success:
-            return Reply(Outcome.DONE)
-        if status == 400 and "already loaded" in message:
-            return Reply(Outcome.ALREADY_LOADED, message)
-        if status == 400:
-            return Reply(Outcome.REFUSED, message)
-        return Reply(Outcome.TRANSIENT, f"HTTP {status}: {message}")
+        body = {"lora_name": name, "lora_path": str(path), "pinned": False}
+        return await self._call(client, "/load_lora_adapter", body, on_400=Outcome.REFUSED,
+                                known=(("already loaded", Outcome.ALREADY_LOADED),))
 
     async def unload(self, client: httpx.AsyncClient, name: str) -> Reply:
-        result = await self._call(client, "/unload_lora_adapter", {"lora_name": name})
-        if isinstance(result, Reply):
-            return result
-        status, success, message = result
-        if status == 200 and success:
-            return Reply(Outcome.DONE)
-        if status == 400 and "does not exist" in message:
-            return Reply(Outcome.GONE, message)
-        return Reply(Outcome.TRANSIENT, f"HTTP {status}: {message}")
+        return await self._call(client, "/unload_lora_adapter", {"lora_name": name},
+                                on_400=Outcome.TRANSIENT,
+                                known=(("does not exist", Outcome.GONE),))
