@@ -124,6 +124,12 @@ class Server:
         self.http.close()
 
 
+def tiny_env(model: Path, source: Path, **extra: str) -> dict[str, str]:
+    """The NIM_* variables of a server of the tiny test model named `tiny` over `source`."""
+    return {"NIM_MODEL_NAME": str(model), "NIM_SERVED_MODEL_NAME": "tiny",
+            "NIM_PEFT_SOURCE": str(source), **extra}
+
+
 def processes() -> dict[int, tuple[int, str]]:
     """Every process: pid -> (parent pid, state letter; Z = zombie), read from /proc."""
     table = {}

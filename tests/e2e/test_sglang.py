@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import copy_adapter, edit_config, install_fake_smi
-from tests.e2e.server import alive, descendants
+from tests.e2e.server import alive, descendants, tiny_env
 
 pytestmark = pytest.mark.e2e
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
@@ -27,11 +27,7 @@ def sglang_env(tmp: Path, model: Path, source: Path, **extra: str) -> dict[str, 
         "PATH": f"{smi}:{os.environ['PATH']}",
         "PYTHONPATH": str(FAKES),  # `python -m sglang.launch_server` is the double
         "SGLANG_FAKE_LOG": str(tmp / "sglang-requests.jsonl"),
-        "NIM_MODEL_NAME": str(model),
-        "NIM_SERVED_MODEL_NAME": "tiny",
-        "NIM_PEFT_SOURCE": str(source),
-        "NIM_MODEL_PROFILE": PROFILE,
-        **extra,
+        **tiny_env(model, source, NIM_MODEL_PROFILE=PROFILE, **extra),
     }
 
 

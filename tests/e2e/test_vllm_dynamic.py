@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import copy_adapter, edit_config
-from tests.e2e.server import alive, descendants
+from tests.e2e.server import alive, descendants, tiny_env
 
 pytestmark = pytest.mark.e2e
 TIMES: dict[str, float] = {}
@@ -30,13 +30,7 @@ def source(tmp_path_factory, library):
 @pytest.fixture(scope="module")
 def server(serve_factory, tiny_model, source):
     server = serve_factory(
-        {
-            "NIM_MODEL_NAME": str(tiny_model),
-            "NIM_SERVED_MODEL_NAME": "tiny",
-            "NIM_PEFT_SOURCE": str(source),
-            "NIM_PEFT_REFRESH_INTERVAL": "1",
-            "NIM_MAX_LORA_RANK": "16",
-        },
+        tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="1", NIM_MAX_LORA_RANK="16"),
         name="dynamic",
     ).wait_ready()
     TIMES["ready"] = server.ready_after

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import copy_adapter
-from tests.e2e.server import free_port
+from tests.e2e.server import free_port, tiny_env
 
 pytestmark = pytest.mark.e2e
 
@@ -33,15 +33,8 @@ def shim_port() -> int:
 @pytest.fixture(scope="module")
 def server(serve_factory, tiny_model, source, shim_port):
     return serve_factory(
-        {
-            "NIM_MODEL_NAME": str(tiny_model),
-            "NIM_SERVED_MODEL_NAME": "tiny",
-            "NIM_PEFT_SOURCE": str(source),
-            "NIM_PEFT_REFRESH_INTERVAL": "1",
-            "NIM_MAX_LORA_RANK": "16",
-            "NIM_PEFT_API_TIMEOUT_SECS": "1",
-            "SHIM_PORT": str(shim_port),
-        },
+        tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="1", NIM_MAX_LORA_RANK="16",
+                 NIM_PEFT_API_TIMEOUT_SECS="1", SHIM_PORT=str(shim_port)),
         name="faults",
         command=[sys.executable, "-m", "tests.e2e.shim_serve"],
     ).wait_ready()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.conftest import copy_adapter
-from tests.e2e.server import slow_copy
+from tests.e2e.server import slow_copy, tiny_env
 
 pytestmark = pytest.mark.e2e
 LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
@@ -33,14 +33,8 @@ def source(tmp_path_factory, library):
 @pytest.fixture(scope="module")
 def server(serve_factory, tiny_model, source):
     return serve_factory(
-        {
-            "NIM_MODEL_NAME": str(tiny_model),
-            "NIM_SERVED_MODEL_NAME": "tiny",
-            "NIM_PEFT_SOURCE": str(source),
-            "NIM_PEFT_REFRESH_INTERVAL": "120",
-            "NIM_MAX_LORA_RANK": "16",
-            "NIM_JSONL_LOGGING": "true",
-        },
+        tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="120", NIM_MAX_LORA_RANK="16",
+                 NIM_JSONL_LOGGING="true"),
         name="hot",
     ).wait_ready()
 

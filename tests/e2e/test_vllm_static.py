@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import copy_adapter, edit_config
-from tests.e2e.server import children_of
+from tests.e2e.server import children_of, tiny_env
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +29,7 @@ def source(tmp_path_factory, library):
 @pytest.fixture(scope="module")
 def server(serve_factory, tiny_model, source):
     return serve_factory(
-        {
-            "NIM_MODEL_NAME": str(tiny_model),
-            "NIM_SERVED_MODEL_NAME": "tiny",
-            "NIM_PEFT_SOURCE": str(source),
-        },
+        tiny_env(tiny_model, source),
         name="static",
     ).wait_ready()
 
