@@ -103,6 +103,8 @@ def test_copy_in_remove_and_copy_back(server, tmp, source, library):
 
     shutil.rmtree(source / "beta")
     server.wait_for(lambda: "beta" not in server.models(), what="beta removed")
+    # Refused by us from the moment its folder went; SGLang's unload follows.
+    server.wait_for(lambda: seen_by_sglang(tmp, "/unload_lora_adapter"), what="beta unloaded")
     assert seen_by_sglang(tmp, "/unload_lora_adapter")[-1] == {"lora_name": "beta"}
     sent = len(seen_by_sglang(tmp))
     for model in ("beta", "tiny:beta"):
