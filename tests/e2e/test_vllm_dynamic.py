@@ -160,7 +160,7 @@ def test_a_client_that_goes_away_cancels_the_generation(server):
     stream = server.openai.completions.create(model="alpha", prompt="Hello", max_tokens=400,
                                               temperature=0, stream=True)
     next(iter(stream))
-    assert running_in_vllm(server) == 1
+    server.wait_for(lambda: running_in_vllm(server) == 1, timeout=5, what="vLLM generating")
     stream.close()  # the client disconnects after the first chunk
     server.wait_for(lambda: running_in_vllm(server) == 0, timeout=5,
                     what="vLLM stopped generating")
