@@ -82,6 +82,8 @@ def build_launch_plan(
         host=BACKEND_HOST,
         port=port,
         max_lora_rank=max_rank,
+        tp=settings.tensor_parallel_size or profile.tp,
+        pp=settings.pipeline_parallel_size or profile.pp,
         static_adapters=() if settings.dynamic else tuple(
             (a.name, (load_paths or {}).get(a.name, a.path)) for a in static
         ),

@@ -46,6 +46,8 @@ class StartSpec:
     host: str
     port: int
     max_lora_rank: int
+    tp: int  # NIM_TENSOR_PARALLEL_SIZE, else the profile's
+    pp: int  # NIM_PIPELINE_PARALLEL_SIZE, else the profile's
     static_adapters: tuple[tuple[str, Path], ...]  # (name, path to load from)
     dynamic: bool
     #: target modules of each valid adapter present at start (SGLang derives its pool from them)

@@ -62,11 +62,9 @@ class SGLangBackend(Backend):
         argv += ["--model-path", spec.model, "--served-model-name", spec.served_name]
         argv += ["--host", spec.host, "--port", str(spec.port)]
         argv += list(profile.backend_args)
-        tp = settings.tensor_parallel_size or profile.tp
-        pp = settings.pipeline_parallel_size or profile.pp
-        argv += ["--tp-size", str(tp)]
-        if pp > 1:
-            argv += ["--pp-size", str(pp)]
+        argv += ["--tp-size", str(spec.tp)]
+        if spec.pp > 1:
+            argv += ["--pp-size", str(spec.pp)]
         if settings.max_model_len:
             argv += ["--context-length", str(settings.max_model_len)]
         # The base model takes one slot of a batch: NIM_MAX_GPU_LORAS adapters need one more.

@@ -60,10 +60,9 @@ class VLLMBackend(Backend):
         if settings.log_level != "DEBUG":
             argv.append("--disable-uvicorn-access-log")  # the gateway logs requests
         argv += list(profile.backend_args)
-        tp = settings.tensor_parallel_size or profile.tp
-        pp = settings.pipeline_parallel_size or profile.pp
-        if profile.hardware.device == "gpu" or tp > 1 or pp > 1:
-            argv += ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+        if profile.hardware.device == "gpu" or spec.tp > 1 or spec.pp > 1:
+            argv += ["--tensor-parallel-size", str(spec.tp)]
+            argv += ["--pipeline-parallel-size", str(spec.pp)]
         if settings.max_model_len:
             argv += ["--max-model-len", str(settings.max_model_len)]
         argv += ["--enable-lora", "--max-loras", str(settings.max_gpu_loras)]
