@@ -81,7 +81,7 @@ def describe(record: AdapterRecord) -> dict:
     return {
         "name": record.name,
         "state": record.state.value,
-        "ready": record.loaded_path is not None and record.state in (State.READY, State.LOADING),
+        "ready": record.servable,
         "reason": record.reason or None,
         "rank": record.rank,
         "size": record.size,

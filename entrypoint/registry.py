@@ -38,6 +38,11 @@ class AdapterRecord:
     reason: str = ""
     since: float = field(default_factory=time.time)
 
+    @property
+    def servable(self) -> bool:
+        """Loaded and answering: ready, or reloading while the old version keeps serving."""
+        return self.loaded_path is not None and self.state in (State.READY, State.LOADING)
+
 
 class Registry:
     """Adapter records by name. Mutated only through `put` and `drop` (so `since` is right)."""
@@ -70,11 +75,7 @@ class Registry:
     def ready(self, name: str) -> AdapterRecord | None:
         """The record of `name` when it can serve requests (ready and loaded), else None."""
         record = self._records.get(name)
-        if record is not None and record.loaded_path is not None and record.state in (
-            State.READY, State.LOADING
-        ):
-            return record
-        return None
+        return record if record is not None and record.servable else None
 
     def ready_names(self) -> list[str]:
         return [r.name for r in self.records() if self.ready(r.name)]
