@@ -44,7 +44,7 @@ def serve_gateway(upstream: str, port: int) -> None:
     registry.put(AdapterRecord(name="alpha", state=State.READY, source=Path("/loras/alpha"),
                                loaded_path=Path("/snapshots/alpha")))
     state = GatewayState(served_name="tiny", backend=VLLMBackend(), registry=registry,
-                         client=proxy_client(upstream), ready=True, backend_up=True,
+                         client=proxy_client(upstream), readiness=lambda: None, backend_up=True,
                          metrics=Metrics(registry))
     # Exactly as `serve` runs it: our own listening socket, uvicorn on it.
     server = _GatewayServer(uvicorn.Config(build_app(state), **GATEWAY_SERVER_OPTIONS))

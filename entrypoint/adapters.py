@@ -6,11 +6,13 @@ rank, target modules, fingerprint, problem). Reads files only; never talks to a 
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20  # a safetensors header: a few KiB per hundred tensors
 # modules_to_save entries vLLM accepts (it only keeps classifier heads).
 ALLOWED_MODULES_TO_SAVE = {"classifier", "score"}
 RECENT_WRITE_SECS = 2.0
@@ -57,28 +60,48 @@ class _Listing(NamedTuple):
 
     fingerprint: str
     size: int
-    files: dict[str, int]  # name -> size
+    files: dict[str, int]  # regular files: name -> size
+    others: frozenset[str] = frozenset()  # anything else: folders, FIFOs, broken links
+    error: str | None = None  # the folder could not be listed (gone, unreadable)
 
 
 def _list_folder(path: str) -> _Listing:
     """A cheap fingerprint of a folder's files: names, sizes and mtimes (one stat each)."""
     parts = []
     files: dict[str, int] = {}
+    others = set()
     try:
         with os.scandir(path) as it:
             for entry in it:
+                name = entry.name
                 try:
-                    st = entry.stat()
+                    st = entry.stat()  # follows links; a loop or a dangling link raises
                 except OSError:
+                    others.add(name)
+                    parts.append(f"{name}\0?")
                     continue
-                parts.append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}")
-                if entry.is_file():
-                    files[entry.name] = st.st_size
-    except OSError:
-        return _Listing("", 0, {})
+                parts.append(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_mode}")
+                if stat.S_ISREG(st.st_mode):
+                    files[name] = st.st_size
+                else:
+                    others.add(name)
+    except OSError as exc:
+        return _Listing("", 0, {}, frozenset(), exc.strerror or type(exc).__name__)
     parts.sort()
-    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=12).hexdigest()
-    return _Listing(digest, sum(files.values()), files)
+    digest = hashlib.blake2b("\0".join(parts).encode(errors="surrogateescape"),
+                             digest_size=12).hexdigest()
+    return _Listing(digest, sum(files.values()), files, frozenset(others))
+
+
+def _read_regular(path: str, limit: int) -> bytes:
+    """Up to `limit` bytes of `path` if it is a regular file; never blocks on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 def safetensors_problem(path: Path | str, size: int | None = None) -> str | None:
@@ -88,22 +111,25 @@ def safetensors_problem(path: Path | str, size: int | None = None) -> str | None
     offsets give the exact size of the file: a shorter file is still being written.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return "adapter_model.safetensors is not a regular file"
             if size is None:
-                size = os.fstat(fd).st_size
+                size = st.st_size
             head = os.read(fd, 8)
             if len(head) < 8:
                 return "incomplete: weights file still being written"
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > 100_000_000:
+            if header_len > MAX_HEADER_BYTES:
                 return "adapter_model.safetensors is not a safetensors file"
             if 8 + header_len > size:
                 return "incomplete: weights file still being written"
             header = json.loads(os.read(fd, header_len))
         finally:
             os.close(fd)
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return "adapter_model.safetensors is not a safetensors file (bad header)"
     if not isinstance(header, dict):
         return "adapter_model.safetensors has a malformed header"
@@ -113,7 +139,7 @@ def safetensors_problem(path: Path | str, size: int | None = None) -> str | None
             continue
         try:
             end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError):
             return "adapter_model.safetensors has a malformed header"
     expected = 8 + header_len + end
     if size < expected:
@@ -126,11 +152,16 @@ def safetensors_problem(path: Path | str, size: int | None = None) -> str | None
 def zip_problem(path: Path) -> str | None:
     """None when a torch `.bin`/`.pt` file (a zip archive) ends with its central directory."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            head = handle.read(2)
-            handle.seek(max(0, size - 65_557))
-            tail = handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return f"{path.name} is not a regular file"
+            size = st.st_size
+            head = os.pread(fd, 2, 0)
+            tail = os.pread(fd, 65_557, max(0, size - 65_557))
+        finally:
+            os.close(fd)
     except OSError as exc:
         return f"{path.name} cannot be read ({exc.strerror})"
     if size >= 2 and head != b"PK":
@@ -148,6 +179,21 @@ def _recently_written(path: Path) -> bool:
         return False
 
 
+def _shown(value: object) -> str:
+    """A config value as an error message shows it: short, one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _target_modules(value: object) -> tuple[str, ...] | None:
+    """`target_modules` as a tuple of names (a string is one name or a regex), or None."""
+    if isinstance(value, str):
+        return (value,) if value else None
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    return None
+
+
 def config_problem(config: dict, *, max_rank: int | None) -> str | None:
     """None when vLLM would accept this adapter_config.json; otherwise why not."""
     missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
@@ -155,26 +201,44 @@ def config_problem(config: dict, *, max_rank: int | None) -> str | None:
         return f"adapter_config.json lacks {', '.join(missing)}"
     rank = config["r"]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        return f"adapter_config.json has r={rank!r}; the rank must be a positive whole number"
+        return (f"adapter_config.json has r={_shown(rank)}; the rank must be a positive whole "
+                "number")
     if max_rank is not None and rank > max_rank:
         return (
             f"rank {rank} is above NIM_MAX_LORA_RANK={max_rank}; raise NIM_MAX_LORA_RANK or use "
             "a smaller adapter"
         )
-    targets = config["target_modules"]
-    if not targets or not isinstance(targets, str | list):
-        return "adapter_config.json has no target_modules"
+    alpha = config["lora_alpha"]
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not alpha > 0:
+        return (f"adapter_config.json has lora_alpha={_shown(alpha)}; it must be a number "
+                "above 0")
+    if _target_modules(config["target_modules"]) is None:
+        return (f"adapter_config.json has target_modules={_shown(config['target_modules'])}; "
+                "it must name the modules (a list of names, or one name or pattern)")
     if config.get("use_dora"):
         return "DoRA adapters (use_dora) are not supported by the backend"
     if config.get("bias", "none") not in (None, "none"):
-        return f"bias={config['bias']!r} is not supported; train with bias='none'"
-    extra = set(config.get("modules_to_save") or []) - ALLOWED_MODULES_TO_SAVE
+        return f"bias={_shown(config['bias'])} is not supported; train with bias='none'"
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        return (f"adapter_config.json has modules_to_save={_shown(saved)}; it must be a list "
+                "of module names")
+    extra = set(saved) - ALLOWED_MODULES_TO_SAVE
     if extra:
         return f"modules_to_save={sorted(extra)} is not supported by the backend"
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(REFUSED_INIT):
         return f"init_lora_weights={init!r} adapters are not supported by the backend"
     return None
+
+
+def display_name(name: str) -> str:
+    """A folder name as logs and JSON can show it (bytes that are not UTF-8 escaped)."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:  # os.fsdecode kept undecodable bytes as surrogates
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def inspect_folder(
@@ -184,11 +248,25 @@ def inspect_folder(
     served_name: str | None = None,
     _listing: _Listing | None = None,
 ) -> AdapterFolder:
-    """Validate one adapter folder and describe it."""
+    """Validate one adapter folder and describe it. Never raises, never blocks on content."""
+    listing = _listing or _list_folder(str(path))
+    base = {"name": display_name(path.name), "path": path,
+            "fingerprint": listing.fingerprint, "size": listing.size}
+    try:
+        return _inspect(path, listing, base, max_rank=max_rank, served_name=served_name)
+    except Exception as exc:  # whatever the folder holds, the scan goes on
+        return AdapterFolder(**base, problem=f"folder cannot be read ({type(exc).__name__}: "
+                                             f"{_shown(str(exc))})")
+
+
+def _inspect(path: Path, listing: _Listing, base: dict, *, max_rank: int | None,
+             served_name: str | None) -> AdapterFolder:
     name = path.name
     folder = str(path)
-    fingerprint, size, files = _listing or _list_folder(folder)
-    base = {"name": name, "path": path, "fingerprint": fingerprint, "size": size}
+    files = listing.files
+    if listing.error is not None:
+        return AdapterFolder(**base, pending=True,
+                             problem=f"folder cannot be listed ({listing.error}); looking again")
     if not NAME_PATTERN.match(name):
         return AdapterFolder(
             **base,
@@ -199,21 +277,30 @@ def inspect_folder(
         return AdapterFolder(
             **base, problem="folder name equals the served model name; rename the folder"
         )
+    for special in (CONFIG_FILE, *WEIGHT_FILES):
+        if special in listing.others:
+            return AdapterFolder(**base, problem=f"{special} is not a regular file (a folder, "
+                                 "a pipe or a broken link); replace it with the real file")
     weights_name = next((w for w in WEIGHT_FILES if w in files), None)
     weights = path / weights_name if weights_name else None
     if CONFIG_FILE not in files:
         if weights is not None or files:
             return AdapterFolder(**base, weights=weights, pending=True,
                                  problem="incomplete: adapter_config.json not there yet")
+        if listing.others:
+            return AdapterFolder(**base, problem="no adapter files directly in this folder; "
+                                 "an adapter's adapter_config.json and weights go directly in "
+                                 "NIM_PEFT_SOURCE/<name>/")
         return AdapterFolder(**base, pending=True, problem="empty folder")
-    try:
-        fd = os.open(os.path.join(folder, CONFIG_FILE), os.O_RDONLY)
-        try:  # read what the listing saw (a fixed 1 MiB buffer per read costs more than I/O)
-            raw = os.read(fd, min(files[CONFIG_FILE], MAX_CONFIG_BYTES) + 1)
-        finally:
-            os.close(fd)
+    if files[CONFIG_FILE] > MAX_CONFIG_BYTES:
+        return AdapterFolder(**base, problem=f"adapter_config.json is {files[CONFIG_FILE]} bytes;"
+                             f" a config over {MAX_CONFIG_BYTES >> 20} MiB is not read")
+    try:  # read what the listing saw (a fixed 1 MiB buffer per read costs more than I/O)
+        raw = _read_regular(os.path.join(folder, CONFIG_FILE), files[CONFIG_FILE] + 1)
         config = json.loads(raw) if raw.strip() else None
-    except (OSError, ValueError, UnicodeDecodeError):
+    except FileNotFoundError:
+        return AdapterFolder(**base, pending=True, problem="files changing; looking again")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         config = None
     if config is None:
         if _recently_written(path / CONFIG_FILE):
@@ -222,12 +309,13 @@ def inspect_folder(
         return AdapterFolder(**base, problem="adapter_config.json is not valid JSON")
     if not isinstance(config, dict):
         return AdapterFolder(**base, problem="adapter_config.json is not a JSON object")
-    targets = config.get("target_modules")
+    rank = config.get("r")
+    alpha = config.get("lora_alpha")
     described = {
         **base,
-        "rank": config.get("r") if isinstance(config.get("r"), int) else None,
-        "alpha": config.get("lora_alpha"),
-        "target_modules": tuple([targets] if isinstance(targets, str) else targets or ()),
+        "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
+        "alpha": alpha if isinstance(alpha, int | float) and not isinstance(alpha, bool) else None,
+        "target_modules": _target_modules(config.get("target_modules")) or (),
         "weights": weights,
         "config": config,
     }
@@ -258,6 +346,7 @@ class AdapterScanner:
 
     A pass over unchanged folders costs one `scandir` per folder and one `stat` per file. Results
     are kept only for folders that still exist, so memory follows the folder, not its history.
+    Never raises: a missing or unreadable source is `source_problem`, not an empty folder.
     """
 
     def __init__(
@@ -267,6 +356,8 @@ class AdapterScanner:
         self.max_rank = max_rank
         self.served_name = served_name
         self._known: dict[str, AdapterFolder] = {}
+        #: why the last scan could not list the source (None: it could)
+        self.source_problem: str | None = None
 
     def scan(self) -> list[AdapterFolder]:
         # Thousands of small acyclic objects: the cycle collector would only slow this down.
@@ -281,19 +372,47 @@ class AdapterScanner:
     def _scan(self) -> list[AdapterFolder]:
         try:
             with os.scandir(self.source) as it:
-                entries = [e for e in it if not e.name.startswith(".") and e.is_dir()]
-        except OSError:
-            entries = []
+                entries = [e for e in it if not e.name.startswith(".") and is_folder(e)]
+            self.source_problem = None
+        except OSError as exc:
+            self.source_problem = (f"cannot be read ({exc.strerror or type(exc).__name__})"
+                                   if not isinstance(exc, FileNotFoundError) else "is gone")
+            return list(self._known.values())
+        real_source: str | None = None
         known: dict[str, AdapterFolder] = {}
         for entry in sorted(entries, key=lambda e: e.name):
             listing = _list_folder(entry.path)
             old = self._known.get(entry.name)
             if old is not None and old.fingerprint == listing.fingerprint and not old.pending:
                 known[entry.name] = old
-            else:
-                known[entry.name] = inspect_folder(
-                    Path(entry.path), max_rank=self.max_rank, served_name=self.served_name,
-                    _listing=listing,
-                )
+                continue
+            if entry.is_symlink():
+                real_source = real_source or os.path.realpath(self.source)
+                outside = _outside(entry.path, real_source)
+                if outside is not None:
+                    known[entry.name] = AdapterFolder(
+                        name=display_name(entry.name), path=Path(entry.path),
+                        fingerprint=listing.fingerprint, size=listing.size,
+                        problem=f"is a link to {outside}, outside NIM_PEFT_SOURCE; copy the "
+                        "adapter into the folder instead")
+                    continue
+            known[entry.name] = inspect_folder(
+                Path(entry.path), max_rank=self.max_rank, served_name=self.served_name,
+                _listing=listing,
+            )
         self._known = known
         return list(known.values())
+
+
+def is_folder(entry: os.DirEntry[str]) -> bool:
+    """A folder, or a link to one; a link loop or a broken link is not."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _outside(path: str, real_source: str) -> str | None:
+    """Where the link `path` leads when that is outside `real_source`, else None."""
+    target = os.path.realpath(path)
+    return None if target.startswith(real_source.rstrip("/") + "/") else display_name(target)

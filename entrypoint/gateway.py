@@ -6,6 +6,8 @@ OpenAI error, and streams responses through chunk by chunk. It never loads or un
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -18,6 +20,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
 from .backends import Backend
@@ -30,9 +33,10 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 << 20
 SMALL_BODY_BYTES = 1 << 20  # answers up to this size with a known length are sent in one piece
 # Hop-by-hop and length headers are the proxy's own business; asking the backend not to compress
-# keeps the bytes we stream through exactly what its headers say.
+# keeps the bytes we stream through exactly what its headers say. The client's credentials were
+# checked here; the backend gets the entrypoint's own (the upstream client adds them).
 REQUEST_DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
-                "accept-encoding"}
+                "accept-encoding", "authorization"}
 RESPONSE_DROP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 access_log = logging.getLogger("entrypoint.access")
 
@@ -46,11 +50,14 @@ class GatewayState:
     registry: Registry
     client: Upstream
     traffic: Traffic = field(default_factory=Traffic)
-    ready: bool = False
+    #: None when the service is ready, else why not (the service decides)
+    readiness: Callable[[], str | None] = lambda: "starting"
     backend_up: bool = False
     static_mode: bool = False
     metadata: dict = field(default_factory=dict)
     metrics: Metrics | None = None
+    #: keys a client must send as `Authorization: Bearer <key>` on /v1 routes (none: open)
+    api_keys: tuple[str, ...] = ()
 
 
 def openai_error(status: int, message: str, kind: str, code: str | int | None = None) -> Response:
@@ -203,10 +210,11 @@ def build_app(state: GatewayState) -> Starlette:
         return JSONResponse({"object": "health.response", "message": "Service is live."})
 
     async def ready(request: Request) -> Response:
-        if state.ready:
+        reason = state.readiness()
+        if reason is None:
             return JSONResponse({"object": "health.response", "message": "Service is ready."})
         return JSONResponse(
-            {"object": "health.response", "message": "Service is not ready yet."},
+            {"object": "health.response", "message": f"Service is not ready: {reason}."},
             status_code=503,
         )
 
@@ -214,11 +222,14 @@ def build_app(state: GatewayState) -> Starlette:
         if not state.backend_up:
             return openai_error(503, "The model is still starting.", "ServiceUnavailable")
         try:
-            _, content = await state.client.get("/v1/models", timeout=30)
-            cards = json.loads(content).get("data", [])
-        except (UpstreamError, TimeoutError, ValueError) as exc:
+            status, content = await state.client.get("/v1/models", timeout=30)
+        except (UpstreamError, TimeoutError) as exc:
             return openai_error(502, f"The backend is not reachable ({type(exc).__name__}).",
                                 "BadGateway")
+        cards = _model_cards(content) if status == 200 else None
+        if cards is None:  # never an empty list for an upstream error
+            return openai_error(502, f"The backend answered /v1/models with HTTP {status} "
+                                f"({content[:200].decode(errors='replace')}).", "BadGateway")
         served = []
         for card in cards:
             if not card.get("parent"):
@@ -326,4 +337,58 @@ def build_app(state: GatewayState) -> Starlette:
         Route("/v1/chat/completions", inference, methods=["POST"]),
         Route("/{path:path}", unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    return BearerAuth(app, state.api_keys) if state.api_keys else app
+
+
+def _model_cards(content: bytes) -> list[dict] | None:
+    """The cards of a `/v1/models` answer, or None when it is not one."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    cards = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(cards, list) or not all(isinstance(c, dict) and "id" in c for c in cards):
+        return None
+    return cards
+
+
+#: public routes that stay open with an API key set (probes cannot send one)
+OPEN_PREFIXES = ("/v1/health/",)
+GUARDED_PREFIX = "/v1"
+
+
+class BearerAuth:
+    """Requires `Authorization: Bearer <key>` on every /v1 route but health, as vLLM does.
+
+    Pure ASGI, so a refused request costs one header comparison; keys are compared as digests
+    in constant time. OPTIONS requests pass, as in vLLM.
+    """
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    def authorized(self, header: bytes | None) -> bool:
+        if not header:
+            return False
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        return any([hmac.compare_digest(digest, known) for known in self.digests])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (scope["type"] == "http" and scope.get("method") != "OPTIONS"
+                and (path == GUARDED_PREFIX or path.startswith(GUARDED_PREFIX + "/"))
+                and not path.startswith(OPEN_PREFIXES)):
+            header = dict(scope.get("headers") or []).get(b"authorization")
+            if not self.authorized(header):
+                response = openai_error(
+                    401, "Missing or wrong API key: send 'Authorization: Bearer <key>' with the "
+                    "key the server was started with (VLLM_API_KEY or --api-key).",
+                    "AuthenticationError", "invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -32,16 +32,39 @@ class LaunchPlan:
     max_lora_rank: int
     static_adapters: tuple[AdapterFolder, ...] = field(default=())
     static_paths: tuple[tuple[str, Path], ...] = field(default=())  # name -> path it loads
+    #: keys the backend requires (VLLM_API_KEY, --api-key): the public port requires them too
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def shown_argv(self) -> list[str]:
+        """`argv` with secrets replaced, for logs and `--dry-run`."""
+        return redact(self.argv)
 
     def describe(self) -> dict:
         return {
             "profile": {"name": self.profile.name, "id": self.profile.id},
             "backend": self.backend.name,
-            "argv": self.argv,
+            "argv": self.shown_argv,
             "env": self.env,
             "max_lora_rank": self.max_lora_rank,
             "static_adapters": [a.name for a in self.static_adapters],
         }
+
+
+SECRET_OPTIONS = ("--api-key",)
+
+
+def redact(argv: list[str]) -> list[str]:
+    """`argv` with the values of secret options (`--api-key K`, `--api-key=K`) shown as ***."""
+    shown, hiding = [], False
+    for arg in argv:
+        if hiding and not (arg.startswith("-") and len(arg) > 1):
+            shown.append("***")
+            continue
+        hiding = arg in SECRET_OPTIONS
+        option = arg.split("=", 1)[0]
+        shown.append(f"{option}=***" if "=" in arg and option in SECRET_OPTIONS else arg)
+    return shown
 
 
 def resolve_max_rank(settings: Settings, backend: Backend, adapters: list[AdapterFolder]) -> int:
@@ -102,4 +125,5 @@ def build_launch_plan(
         max_lora_rank=max_rank,
         static_adapters=() if settings.dynamic else static,
         static_paths=spec.static_adapters,
+        api_keys=backend.api_keys(settings),
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,17 +17,18 @@ from pathlib import Path
 import httpx
 
 from .adapters import AdapterFolder, AdapterScanner
-from .backends import Backend, Outcome
+from .backends import Backend, Outcome, Reply
 from .metrics import Metrics
 from .registry import AdapterRecord, Registry, State, Traffic
-from .snapshots import SnapshotChanged, SnapshotStore
+from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotStore
 
 log = logging.getLogger(__name__)
 
 RETRY_BASE_SECS = 0.5
 RETRY_MAX_SECS = 30.0
 SETTLE_SECS = 0.2  # look again this soon after catching a folder mid-change
-DRAIN_SECS = 30.0  # longest wait for running requests before swapping an adapter's weights
+DRAIN_SECS = 30.0  # longest wait for running requests before swapping or unloading an adapter
+SOURCE_GONE = "NIM_PEFT_SOURCE is unavailable"
 
 
 class Reconciler:
@@ -63,6 +63,8 @@ class Reconciler:
         self._refused: dict[str, str] = {}  # name -> fingerprint the backend refused
         self._deferred: set[str] = set()  # names a pass skipped because work was in flight
         self._pass = asyncio.Lock()
+        self._source_problem: str | None = None  # NIM_PEFT_SOURCE missing or unreadable
+        self._cache_problem: str | None = None  # snapshots cannot be written
         self._wake = wake or (lambda: None)
         self.passes = 0
         self.last_scan_secs = 0.0
@@ -77,9 +79,13 @@ class Reconciler:
             self.last_scan_secs = time.perf_counter() - started
             if self.metrics is not None:
                 self.metrics.scan_seconds.observe(self.last_scan_secs)
+            await self._delete_retired()
+            if self._source_unavailable(self.scanner.source_problem):
+                self.passes += 1
+                return  # keep serving what is loaded until the folder is back
             try:
                 actual: dict[str, str] | None = await self.backend.loaded(self.client)
-            except (httpx.HTTPError, ValueError) as exc:
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.warning("cannot list the backend's adapters (%s); will retry", exc)
                 actual = None
             wanted = {folder.name: folder for folder in folders}
@@ -102,6 +108,45 @@ class Reconciler:
         for task in self._work.values():
             task.cancel()
         await asyncio.gather(*self._work.values(), return_exceptions=True)
+
+    def _source_unavailable(self, problem: str | None) -> bool:
+        """Note a missing or unreadable NIM_PEFT_SOURCE (once); True while it lasts."""
+        if problem == self._source_problem:
+            return problem is not None
+        self._source_problem = problem
+        if problem is None:
+            log.info("NIM_PEFT_SOURCE=%s is readable again; reconciling", self.scanner.source)
+            for record in self.registry.records():
+                if record.reason.startswith(SOURCE_GONE):
+                    self.registry.put(replace(record, reason=""))
+            return False
+        log.error("NIM_PEFT_SOURCE=%s: %s; still serving the %d adapters loaded before, and "
+                  "looking again every pass (check the volume mount)", self.scanner.source,
+                  problem, len(self.registry.ready_names()))
+        for record in self.registry.records():
+            self.registry.put(replace(record, reason=f"{SOURCE_GONE} ({problem}); "
+                                      + ("still serving the version loaded before"
+                                         if record.servable else "not loaded")))
+        return True
+
+    async def _delete_retired(self) -> None:
+        """Delete snapshots nothing has served for their grace period; plan the next look."""
+        if self.snapshots is None:
+            return
+        store = self.snapshots
+        deleted = await asyncio.to_thread(store.delete_retired, in_use=self._snapshot_in_use)
+        for path in deleted:
+            log.debug("deleted snapshot %s", path)
+        wait = store.next_deletion()
+        if wait is not None:
+            asyncio.get_running_loop().call_later(wait + 0.1, self._wake)
+
+    def _snapshot_in_use(self, path: Path) -> bool:
+        """A retired snapshot is still needed while its adapter has requests running."""
+        name = path.name.rsplit("-", 1)[0]
+        if self.traffic.running(name):
+            return True
+        return any(r.loaded_path == path for r in self.registry.records())
 
     # ---- deciding ----
 
@@ -136,8 +181,14 @@ class Reconciler:
                     self._record_invalid(folder)
                 else:
                     await self._load(folder, actual)
-        except Exception:  # never let one adapter take the loop down
+        except Exception as exc:  # never let one adapter take the loop down
             log.exception("adapter %s: unexpected error while reconciling", name)
+            record = self.registry.get(name)
+            if record is not None:
+                self.registry.put(replace(
+                    record, state=State.READY if record.loaded_path else State.PENDING,
+                    reason=f"internal error ({exc!r}); will be retried"))
+            self._schedule_retry(name, repr(exc))
         finally:
             self._work.pop(name, None)
             if name in self._deferred:
@@ -168,44 +219,50 @@ class Reconciler:
             verb = "waiting" if folder.pending else "skipped"
             log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.path)
 
-    async def _snapshot(self, folder: AdapterFolder) -> Path | None:
-        """The path to load from: a fresh snapshot, or None when the folder is mid-change."""
+    async def _snapshot(self, folder: AdapterFolder) -> Path | str:
+        """The path to load from (a fresh snapshot), or why there is none now."""
         if self.snapshots is None:
             return folder.path
         try:
-            return await asyncio.to_thread(self.snapshots.take, folder)
-        except (SnapshotChanged, OSError) as exc:
+            path = await asyncio.to_thread(self.snapshots.take, folder)
+        except SnapshotChanged as exc:
             log.info("adapter %s: files changed while taking a snapshot (%s); looking again",
                      folder.name, exc)
             asyncio.get_running_loop().call_later(SETTLE_SECS, self._wake)
-            return None
+            return "files changing; looking again"
+        except SnapshotFailed as exc:
+            if self._cache_problem != str(exc):  # once, not once per adapter and retry
+                self._cache_problem = str(exc)
+                log.error("%s (adapters wait; the ones served keep being served)", exc)
+            self._schedule_retry(folder.name, str(exc), quiet=True)
+            return f"{exc}; will be retried"
+        if self._cache_problem is not None:
+            log.info("snapshots can be written again under NIM_CACHE_PATH")
+            self._cache_problem = None
+        return path
 
     async def _load(self, folder: AdapterFolder, actual: dict[str, str] | None) -> None:
         name = folder.name
         record = self.registry.get(name)
         serving = record is not None and record.loaded_path is not None
-        inplace = serving and actual is not None and name in actual
+        # The backend holds this name unless its list (when it could be read) says otherwise.
+        inplace = serving and (actual is None or name in actual)
         base = record or AdapterRecord(name=name, state=State.LOADING)
         self.registry.put(replace(base, state=State.LOADING, source=folder.path,
                                   version=folder.fingerprint, rank=folder.rank, size=folder.size,
                                   reason=""))
         path = await self._snapshot(folder)
-        if path is None:
+        if isinstance(path, str):
             state = State.READY if serving else State.PENDING
-            self.registry.update(name, state=state, reason="files changing; looking again")
+            self.registry.update(name, state=state, reason=path)
             return
         started = time.monotonic()
         if inplace:
-            # An in-place reload swaps the weights under running requests: let them finish first.
-            async with self.traffic.exclusive(name, timeout=DRAIN_SECS) as still_running:
-                if still_running:
-                    log.warning("adapter %s: %d requests still running after %.0f s; swapping "
-                                "weights under them", name, still_running, DRAIN_SECS)
-                reply = await self.backend.load(self.client, name, path, replace=True)
+            reply = await self._swap(name, path)
         else:
             reply = await self.backend.load(self.client, name, path, replace=False)
-        if reply.outcome is Outcome.ALREADY_LOADED:
-            reply = await self.backend.load(self.client, name, path, replace=True)
+            if reply.outcome is Outcome.ALREADY_LOADED:  # it was there after all
+                reply = await self._swap(name, path)
         old_path = record.loaded_path if serving and record else None
         if reply.outcome is Outcome.DONE:
             self._forget(name)
@@ -234,6 +291,18 @@ class Reconciler:
             self.registry.update(name, state=State.PENDING,
                                  reason=f"load will be retried: {reply.message}")
 
+    async def _swap(self, name: str, path: Path) -> Reply:
+        """Replace the weights the backend serves under `name`: the one way to do it.
+
+        A swap changes the weights under running requests, so it owns the adapter's gate: new
+        requests wait, running ones finish (up to DRAIN_SECS), then the weights change.
+        """
+        async with self.traffic.exclusive(name, timeout=DRAIN_SECS) as still_running:
+            if still_running:
+                log.warning("adapter %s: %d requests still running after %.0f s; swapping "
+                            "weights under them", name, still_running, DRAIN_SECS)
+            return await self.backend.load(self.client, name, path, replace=True)
+
     def _fail(self, folder: AdapterFolder, serving: AdapterRecord | None, message: str) -> None:
         reason = f"refused by the backend: {message}"
         self._refused[folder.name] = folder.fingerprint
@@ -254,8 +323,14 @@ class Reconciler:
             self.registry.drop(name)
             self._forget(name)
             return
+        # Closed first (new requests get 404), then drained, then unloaded; its snapshot stays
+        # until nothing can need it any more (`_release`).
         self.registry.update(name, state=State.REMOVING, reason="folder removed")
-        reply = await self.backend.unload(self.client, name)
+        async with self.traffic.exclusive(name, timeout=DRAIN_SECS) as still_running:
+            if still_running:
+                log.warning("adapter %s: %d requests still running after %.0f s; unloading it, "
+                            "its files stay until they end", name, still_running, DRAIN_SECS)
+            reply = await self.backend.unload(self.client, name)
         if reply.outcome in (Outcome.DONE, Outcome.GONE):
             self.registry.drop(name)
             self._forget(name)
@@ -266,12 +341,17 @@ class Reconciler:
             self._schedule_retry(name, reply.message)
 
     async def _release(self, path: Path) -> None:
-        """Delete a snapshot that no adapter serves any more (never a user's folder)."""
+        """A snapshot no adapter serves any more: deleted after its grace period, unused.
+
+        Never at once: the backend may still read it for requests it accepted (after a drain
+        that timed out, or aborts still in flight). Never a user's folder.
+        """
         if self.snapshots is None or path.parent != self.snapshots.root:
             return
         if any(r.loaded_path == path for r in self.registry.records()):
             return
-        await asyncio.to_thread(shutil.rmtree, path, True)
+        self.snapshots.retire(path)
+        asyncio.get_running_loop().call_later(self.snapshots.grace + 0.1, self._wake)
 
     def _count(self, metric: str, label: str | None = None, *, seconds: float = 0.0) -> None:
         if self.metrics is None:
@@ -286,10 +366,11 @@ class Reconciler:
         self._reported.pop(name, None)
         self._refused.pop(name, None)
 
-    def _schedule_retry(self, name: str, message: str) -> None:
+    def _schedule_retry(self, name: str, message: str, *, quiet: bool = False) -> None:
         attempts = self._retry.get(name, (0, 0.0))[0] + 1
         delay = min(RETRY_MAX_SECS, RETRY_BASE_SECS * 2 ** (attempts - 1))
         self._retry[name] = (attempts, time.monotonic() + delay)
-        log.warning("adapter %s: backend not answering (%s); retry %d in %.1f s",
-                    name, message, attempts, delay)
+        if not quiet:
+            log.warning("adapter %s: backend not answering (%s); retry %d in %.1f s",
+                        name, message, attempts, delay)
         asyncio.get_running_loop().call_later(delay, self._wake)

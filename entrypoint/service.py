@@ -12,7 +12,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import httpx
 import uvicorn
@@ -27,8 +27,9 @@ from .profiles import load_profiles, model_parameters, select_profile
 from .reconcile import Reconciler
 from .registry import AdapterRecord, Registry, State
 from .settings import ConfigError, Settings
-from .snapshots import SnapshotChanged, SnapshotStore
+from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotStore
 from .supervisor import BackendProcess, become_subreaper, reap_orphans
+from .tasks import ServiceTasks
 from .upstream import Upstream
 from .watcher import FolderWatcher
 
@@ -36,6 +37,10 @@ log = logging.getLogger("entrypoint")
 
 EXIT_OK = 0
 EXIT_BACKEND_DIED = 1
+ADAPTER_LOOP = "adapter loop"
+HEALTH_LOOP = "backend health check"
+HEALTH_PROBE_SECS = 2.0
+HEALTH_PROBE_TIMEOUT_SECS = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class Startup:
     settings: Settings
     plan: LaunchPlan
     adapters: list[AdapterFolder]
+    #: static adapters that could not be served, and why (their snapshot failed)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -89,26 +96,30 @@ def resolve(
                 f"({limit})") if a.problem is None and (a.rank or 0) > limit else a
         for a in adapters
     ]
+    skipped: dict[str, str] = {}
     if snapshots is not None and plan.static_adapters:
         paths = {}
         for folder in plan.static_adapters:
             try:
                 paths[folder.name] = snapshots.take(folder)
-            except (SnapshotChanged, OSError) as exc:
-                log.warning("adapter %s: skipped: changed while starting (%s)", folder.name, exc)
-        adapters = [a for a in adapters if a.name in paths or not a.valid]
+            except SnapshotChanged as exc:
+                skipped[folder.name] = (f"its files changed while starting ({exc}); restart "
+                                        "to serve it")
+            except SnapshotFailed as exc:
+                skipped[folder.name] = str(exc)
         plan = build_launch_plan(settings, profile, [a for a in adapters if a.name in paths],
                                  port=port, load_paths=paths)
     for level, note in notes:
         log.log(level, note)
     log.info("selected profile %s (%s): %s", profile.name, profile.id, profile.backend)
-    return Startup(settings=settings, plan=plan, adapters=adapters)
+    return Startup(settings=settings, plan=plan, adapters=adapters, skipped=skipped)
 
 
 def snapshot_store(settings: Settings) -> SnapshotStore:
     """This instance's snapshot folder: one per host and public port, emptied at start."""
     instance = f"{socket.gethostname()}-{settings.server_port}"
-    store = SnapshotStore(settings.cache_path.expanduser().resolve() / "snapshots" / instance)
+    store = SnapshotStore(settings.cache_path.expanduser().resolve() / "snapshots" / instance,
+                          grace=settings.snapshot_grace_secs)
     store.collect(keep=set())
     return store
 
@@ -139,9 +150,14 @@ GATEWAY_SERVER_OPTIONS = {"log_config": None, "access_log": False, "lifespan": "
                           "timeout_graceful_shutdown": 5}
 
 
-def proxy_client(base_url: str) -> Upstream:
+def proxy_client(base_url: str, *, headers: dict[str, str] | None = None) -> Upstream:
     """The gateway's client to the backend: pooled keep-alive connections, long reads."""
-    return Upstream(base_url, read_timeout=600.0, connect_timeout=5.0)
+    return Upstream(base_url, read_timeout=600.0, connect_timeout=5.0, headers=headers)
+
+
+def backend_headers(plan: LaunchPlan) -> dict[str, str]:
+    """Headers for every call to the backend: its API key, when it requires one."""
+    return {"Authorization": f"Bearer {plan.api_keys[0]}"} if plan.api_keys else {}
 
 
 class _GatewayServer(uvicorn.Server):
@@ -170,29 +186,35 @@ class Service:
         self.host = host
         self.registry = Registry()
         self.metrics = Metrics(self.registry)
-        self.stopping = asyncio.Event()
+        self.tasks: ServiceTasks | None = None
         self.process = BackendProcess(
             self.plan.argv, self.plan.env, label=self.plan.backend.name,
-            raw_logs=not self.settings.jsonl_logging,
+            raw_logs=not self.settings.jsonl_logging, shown_argv=self.plan.shown_argv,
         )
+        backend_url = f"http://127.0.0.1:{self.plan.port}"
+        headers = backend_headers(self.plan)
         self.client = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.plan.port}",
+            base_url=backend_url, headers=headers,
             timeout=httpx.Timeout(self.settings.peft_api_timeout_secs, connect=5.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
-        self.proxy_client = proxy_client(f"http://127.0.0.1:{self.plan.port}")
+        self.proxy_client = proxy_client(backend_url, headers=headers)
         self.gateway = GatewayState(
             served_name=self.settings.served_name,
             backend=self.plan.backend,
             registry=self.registry,
             client=self.proxy_client,
+            readiness=self.not_ready_because,
             static_mode=not self.settings.dynamic,
             metadata=self.describe(),
             metrics=self.metrics,
+            api_keys=self.plan.api_keys,
         )
         self.snapshots = snapshots
         self.reconciler: Reconciler | None = None
         self.watcher: FolderWatcher | None = None
+        self.adapters_synced = False  # the first pass over the adapter folder is done
+        self.backend_healthy = False  # the backend's health route answered the last probe
         source, interval = self.settings.peft_source, self.settings.peft_refresh_interval
         if source is not None and interval is not None:
             self.reconciler = Reconciler(
@@ -226,33 +248,117 @@ class Service:
                      "max_lora_rank": self.plan.max_lora_rank},
         }
 
+    def not_ready_because(self) -> str | None:
+        """None when the service can serve; else why not (`/v1/health/ready` says it)."""
+        tasks = self.tasks
+        if tasks is None or tasks.stopping:
+            return "stopping" if tasks is not None else "starting"
+        if not self.gateway.backend_up:
+            return f"{self.plan.backend.name} is starting"
+        if not self.backend_healthy:
+            return f"{self.plan.backend.name} does not answer its health check"
+        if not self.adapters_synced:
+            return "loading the adapters found at start"
+        if self.watcher is not None and not tasks.alive(ADAPTER_LOOP):
+            return "the adapter loop failed and is being restarted"
+        return None
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         become_subreaper()  # orphaned backend helpers come to us, as to PID 1, and are reaped
+        self.tasks = tasks = ServiceTasks()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         sock = listen(self.host, self.settings.server_port)
         config = uvicorn.Config(build_app(self.gateway), **GATEWAY_SERVER_OPTIONS)
         server = _GatewayServer(config)
-        gateway_task = asyncio.create_task(server.serve(sockets=[sock]))
+        tasks.vital("public port", server.serve(sockets=[sock]))
+        tasks.loop("reaper", self._reap)
         log.info("public port %s:%d; starting %s with profile %s", self.host,
                  self.settings.server_port, self.plan.backend.name, self.plan.profile.name)
-        reaper = asyncio.create_task(self._reap())
         try:
-            return await self._run_backend()
+            await self.process.start()
+            tasks.vital("backend", self._watch_backend())
+            tasks.vital("start-up", self._start_up())
+            code = await tasks.wait()
+            if code != EXIT_OK and tasks.reason:
+                log.error("stopping with exit code %d: %s", code, tasks.reason)
+            return code
         finally:
-            reaper.cancel()
-            server.should_exit = True
+            await tasks.cancel(ADAPTER_LOOP, HEALTH_LOOP, "start-up", "reaper")
             if self.reconciler is not None:
                 await self.reconciler.close()
             await self.process.stop()
             reap_orphans(set())
-            await asyncio.wait({gateway_task}, timeout=10)
+            server.should_exit = True  # finish the answers in flight, then close
+            await tasks.finish("public port", timeout=10)
+            await tasks.cancel()
             await self.client.aclose()
             await self.proxy_client.close()
             sock.close()
             if self.snapshots is not None:  # nothing serves them any more
                 await asyncio.to_thread(self.snapshots.remove_all)
+
+    async def _start_up(self) -> None:
+        """Wait for the backend, load the adapters, then run the adapter and health loops."""
+        assert self.tasks is not None
+        started = loop_time()
+        if not await self.process.wait_ready(self.client, self.plan.backend.readiness_path):
+            await asyncio.Event().wait()  # it exited: `_watch_backend` says so
+        self.gateway.backend_up = self.backend_healthy = True
+        log.info("%s ready in %.1f s", self.plan.backend.name, loop_time() - started)
+        self.tasks.loop(HEALTH_LOOP, self._watch_health)
+        await self._first_sync()
+        self.adapters_synced = True
+        if self.watcher is not None:
+            self.tasks.loop(ADAPTER_LOOP, self.watcher.run)
+        log.info("ready: serving %s with %d adapters on port %d", self.settings.served_name,
+                 len(self.registry.ready_names()), self.settings.server_port)
+        if self.on_ready is not None:
+            self.on_ready()
+        await asyncio.Event().wait()  # the loops run on; this task ends when the service does
+
+    async def _watch_backend(self) -> None:
+        """Stop the service when the backend exits on its own."""
+        assert self.tasks is not None
+        code = await self.process.wait()
+        if not self.tasks.stopping:
+            self._backend_died(code)
+            self.tasks.stop(EXIT_BACKEND_DIED)
+
+    async def _watch_health(self) -> None:
+        """Poll the backend's health route; stop a backend that stops answering it."""
+        assert self.tasks is not None
+        bound = self.settings.backend_health_timeout_secs
+        path = self.plan.backend.readiness_path
+        last_answer = loop_time()
+        while True:
+            await asyncio.sleep(min(HEALTH_PROBE_SECS, bound / 3))
+            problem = await self._probe(path, timeout=min(HEALTH_PROBE_TIMEOUT_SECS, bound / 2))
+            if problem is None:
+                if not self.backend_healthy:
+                    log.info("%s answers its health check again", self.plan.backend.name)
+                self.backend_healthy = True
+                last_answer = loop_time()
+                continue
+            if self.backend_healthy:
+                log.warning("%s does not answer %s (%s); not ready until it does",
+                            self.plan.backend.name, path, problem)
+            self.backend_healthy = False
+            silent = loop_time() - last_answer
+            if silent >= bound:
+                log.error("%s has not answered %s for %.0f s (NIM_BACKEND_HEALTH_TIMEOUT_SECS="
+                          "%g); stopping it", self.plan.backend.name, path, silent, bound)
+                self.tasks.stop(EXIT_BACKEND_DIED, "the backend stopped answering")
+                return
+
+    async def _probe(self, path: str, *, timeout: float) -> str | None:
+        """None when `path` answers 200 in time; else what went wrong."""
+        try:
+            response = await self.client.get(path, timeout=timeout)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return None if response.status_code == 200 else f"HTTP {response.status_code}"
 
     async def _reap(self) -> None:
         while True:
@@ -262,51 +368,24 @@ class Service:
                 log.debug("reaped orphaned process %d", pid)
 
     def _on_signal(self, sig: int) -> None:
-        if not self.stopping.is_set():
+        assert self.tasks is not None
+        if not self.tasks.stopping:
             log.info("received %s: stopping", signal.Signals(sig).name)
-        self.stopping.set()
+        self.tasks.stop(EXIT_OK)
 
-    async def _run_backend(self) -> int:
-        await self.process.start()
-        exited = asyncio.create_task(self.process.wait())
-        stop = asyncio.create_task(self.stopping.wait())
-        started = loop_time()
-        ready = asyncio.create_task(
-            self.process.wait_ready(self.client, self.plan.backend.readiness_path)
-        )
-        await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if self.stopping.is_set():
-            ready.cancel()
-            return EXIT_OK
-        if not ready.result():
-            return self._backend_died(await exited)
-        self.gateway.backend_up = True
-        log.info("%s ready in %.1f s", self.plan.backend.name, loop_time() - started)
-        await self._first_sync()
-        self.gateway.ready = True
-        log.info("ready: serving %s with %d adapters on port %d", self.settings.served_name,
-                 len(self.registry.ready_names()), self.settings.server_port)
-        if self.on_ready is not None:
-            self.on_ready()
-        watcher = asyncio.create_task(self.watcher.run()) if self.watcher else None
-        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
-        self.gateway.ready = False
-        if watcher is not None:
-            watcher.cancel()
-        if self.stopping.is_set():
-            return EXIT_OK
-        return self._backend_died(exited.result())
-
-    def _backend_died(self, code: int) -> int:
+    def _backend_died(self, code: int) -> None:
         last = " | ".join(line for line in list(self.process.tail)[-5:] if line.strip())
         log.error("%s exited with code %s before it was asked to stop; last output: %s",
                   self.plan.backend.name, code, last or "(none)")
-        return EXIT_BACKEND_DIED
 
     async def _first_sync(self) -> None:
         if self.reconciler is not None:
-            await self.reconciler.sync()
-            await self.reconciler.wait_idle()
+            try:
+                await self.reconciler.sync()
+                await self.reconciler.wait_idle()
+            except Exception:  # the adapter loop looks again; the base model serves meanwhile
+                log.exception("the first pass over %s failed; the adapter loop retries it",
+                              self.settings.peft_source)
             return
         # Static mode: the backend loaded the valid adapters at start.
         served = dict(self.plan.static_paths)
@@ -317,15 +396,17 @@ class Service:
                                        loaded_version=folder.fingerprint, rank=folder.rank,
                                        size=folder.size)
             else:
+                reason = folder.problem or self.startup.skipped.get(folder.name, "not loaded")
                 record = AdapterRecord(name=folder.name, state=State.FAILED, source=folder.path,
                                        version=folder.fingerprint, rank=folder.rank,
-                                       size=folder.size, reason=folder.problem or "not loaded")
+                                       size=folder.size, reason=reason)
                 log.warning("adapter %s: skipped: %s (%s)", folder.name, record.reason,
                             folder.path)
             self.registry.put(record)
         if self.settings.peft_source is not None:
             log.info("static mode: NIM_PEFT_REFRESH_INTERVAL is unset, so changes to %s are "
                      "ignored until a restart", self.settings.peft_source)
+
 
 def loop_time() -> float:
     return asyncio.get_running_loop().time()

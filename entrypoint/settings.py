@@ -117,6 +117,33 @@ class Settings(BaseSettings):
     peft_api_timeout_secs: float = Field(
         default=30.0, description="Timeout of one adapter load or unload call, in seconds."
     )
+    snapshot_grace_secs: float = Field(
+        default=30.0,
+        description="(ours) Seconds an adapter snapshot that nothing serves any more is kept "
+        "(unused) before it is deleted: the backend may still read it for requests in flight.",
+    )
+    backend_health_timeout_secs: float = Field(
+        default=60.0,
+        description="(ours) Once ready, the backend's health route is polled every few "
+        "seconds; readiness follows it, and a backend that has not answered it for this many "
+        "seconds is stopped and the entrypoint exits non-zero.",
+    )
+
+    # ---- the backend's own variables that the entrypoint must honour too ----
+
+    vllm_api_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("vllm_api_key", "VLLM_API_KEY"),
+        description="(vLLM's) With it (or `--api-key` in NIM_PASSTHROUGH_ARGS, on either "
+        "backend) the public port requires `Authorization: Bearer <key>` on every /v1 route but "
+        "/v1/health/*, as vLLM does, and the entrypoint uses the key for its own calls.",
+    )
+    vllm_plugins: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("vllm_plugins", "VLLM_PLUGINS"),
+        description="(vLLM's) Comma-separated vLLM plugins to load; the entrypoint's own "
+        "plugin (`lora_entrypoint`) is added to the list.",
+    )
 
     # ---- field checks: messages are completed with the variable name by `load_settings` ----
 
@@ -161,7 +188,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a positive rank such as 8, 16, 32 or 64")
         return value
 
-    @field_validator("peft_api_timeout_secs")
+    @field_validator("peft_api_timeout_secs", "backend_health_timeout_secs", "snapshot_grace_secs")
     @classmethod
     def _timeout(cls, value: float) -> float:
         if not value > 0:
@@ -216,6 +243,26 @@ class Settings(BaseSettings):
     def passthrough(self) -> list[str]:
         return shlex.split(self.passthrough_args) if self.passthrough_args else []
 
+    def passthrough_values(self, option: str, *, many: bool = False) -> list[str]:
+        """The values NIM_PASSTHROUGH_ARGS gives `option` (`--opt v`, `--opt=v`), last one wins.
+
+        With `many`, the option takes every value up to the next option (argparse `nargs="+"`).
+        """
+        args, found = self.passthrough, []
+        for i, arg in enumerate(args):
+            if arg.startswith(option + "="):
+                found = [arg.split("=", 1)[1]]
+            elif arg == option:
+                values = []
+                for value in args[i + 1:]:
+                    if value.startswith("-") and len(value) > 1:
+                        break
+                    values.append(value)
+                    if not many:
+                        break
+                found = values
+        return found
+
     def check_paths(self, *, need_model: bool = True) -> None:
         """Checks that need the file system; raises `ConfigError`."""
         if not need_model:
@@ -259,7 +306,7 @@ def _describe(error: dict[str, Any]) -> str:
         return message
     field = loc[0]
     name = "NIM_MODEL_NAME" if field in ("model_name", "NIM_MODEL_NAME", "NIM_MODEL_PATH") else (
-        field.upper() if field.upper().startswith("NIM_") else env_name(field)
+        field.upper() if field.upper().startswith(("NIM_", "VLLM_")) else env_name(field)
     )
     value = error.get("input")
     kind = error.get("type", "")
@@ -300,6 +347,8 @@ def configuration_reference() -> str:
         variable = env_name(name)
         if name == "model_name":
             variable = "NIM_MODEL_NAME` / `NIM_MODEL_PATH"
+        elif name.startswith("vllm_"):
+            variable = name.upper()
         kind = str(field.annotation).replace("pathlib.", "").replace("typing.", "")
         kind = kind.replace("<class '", "").replace("'>", "").replace(" | None", " (optional)")
         default = "unset" if field.default is None else f"`{field.default}`"

@@ -11,7 +11,10 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .adapters import CONFIG_FILE, WEIGHT_FILES, AdapterFolder, inspect_folder
@@ -27,62 +30,171 @@ class SnapshotChanged(Exception):
     """The source folder changed while it was being copied; try again when it settles."""
 
 
-class SnapshotStore:
-    """Snapshots under `<NIM_CACHE_PATH>/snapshots/<name>-<content hash>`."""
+class SnapshotFailed(Exception):
+    """The snapshot folder cannot be written (full, read-only, gone): a one-line user message."""
 
-    def __init__(self, root: Path) -> None:
+
+#: how long a snapshot nothing serves any more is kept: vLLM may read an adapter's path again
+#: after our side of its last request ended (aborts in flight, its own cache evictions)
+RETIRE_GRACE_SECS = 30.0
+
+
+def _open_regular(path: Path) -> int:
+    """A read descriptor for `path` if it is a regular file (never blocks on a FIFO)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotChanged(f"{path.name} is not a regular file")
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class SnapshotStore:
+    """Snapshots under `<NIM_CACHE_PATH>/snapshots/<instance>/<name>-<content hash>`.
+
+    A snapshot nothing serves any more is retired, and deleted only after a grace period in
+    which nothing used it; taking the same content again brings it back instead. Thread-safe:
+    takes and deletions run in worker threads.
+    """
+
+    def __init__(self, root: Path, *, grace: float = RETIRE_GRACE_SECS) -> None:
         self.root = root
+        self.grace = grace
+        self._lock = threading.Lock()
+        self._retired: dict[Path, float] = {}  # path -> monotonic time it may be deleted
+
+    def _cache_error(self, exc: OSError) -> SnapshotFailed:
+        return SnapshotFailed(
+            f"cannot write a snapshot under NIM_CACHE_PATH ({self.root}): "
+            f"{exc.strerror or exc}; free space there or make it writable")
 
     def take(self, folder: AdapterFolder) -> Path:
         """Copy the adapter's files into a snapshot named by their content; return its path.
 
         Reads each source file once (hashing while copying), re-validates the copy, and raises
-        `SnapshotChanged` if the source folder's fingerprint moved meanwhile.
+        `SnapshotChanged` if the source folder's fingerprint moved meanwhile, or
+        `SnapshotFailed` when the snapshot folder cannot be written.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{folder.name}.{os.getpid()}.{id(folder):x}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self.root / f".{folder.name}.{os.getpid()}.{threading.get_ident():x}.tmp"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as exc:
+            raise self._cache_error(exc) from None
         digest = hashlib.blake2b(digest_size=16)
         try:
             for name in SNAPSHOT_FILES:
-                source = folder.path / name
-                if not source.is_file():
-                    continue
-                digest.update(name.encode() + b"\0")
-                with source.open("rb") as src, (tmp / name).open("wb") as dst:
-                    while chunk := src.read(CHUNK):
-                        digest.update(chunk)
-                        dst.write(chunk)
-                    dst.flush()
-                    os.fsync(dst.fileno())
+                self._copy(folder.path / name, tmp / name, digest)
             copy = inspect_folder(tmp)
             now = inspect_folder(folder.path).fingerprint
             if now != folder.fingerprint or not copy.valid:
                 raise SnapshotChanged(copy.problem or "files changed while copying")
             final = self.root / f"{folder.name}-{digest.hexdigest()}"
-            if final.exists():
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, final)
+            with self._lock:
+                self._retired.pop(final, None)  # served again: no longer to be deleted
+                try:
+                    if final.exists():
+                        shutil.rmtree(tmp)
+                    else:
+                        os.replace(tmp, final)
+                except OSError as exc:
+                    raise self._cache_error(exc) from None
             return final
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def _copy(self, source: Path, target: Path, digest: hashlib.blake2b) -> None:
+        """Copy one file (if it is there) and feed its name and bytes to `digest`."""
+        try:
+            src = _open_regular(source)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise SnapshotChanged(f"{source.name} cannot be read ({exc.strerror})") from None
+        try:
+            digest.update(source.name.encode() + b"\0")
+            try:
+                dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as exc:
+                raise self._cache_error(exc) from None
+            try:
+                while True:
+                    try:
+                        chunk = os.read(src, CHUNK)
+                    except OSError as exc:
+                        raise SnapshotChanged(f"{source.name} cannot be read ({exc.strerror})"
+                                              ) from None
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    try:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(dst, view):]
+                    except OSError as exc:
+                        raise self._cache_error(exc) from None
+                try:
+                    os.fsync(dst)
+                except OSError as exc:
+                    raise self._cache_error(exc) from None
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def retire(self, path: Path) -> None:
+        """`path` is served no more: delete it once the grace period has passed unused."""
+        if path.parent == self.root:
+            with self._lock:
+                self._retired[path] = time.monotonic() + self.grace
+
+    def delete_retired(self, *, in_use: Callable[[Path], bool]) -> list[Path]:
+        """Delete the retired snapshots whose grace period is over; returns them.
+
+        One that `in_use` says is still needed (requests running on its adapter) gets a new
+        grace period instead.
+        """
+        deleted = []
+        with self._lock:
+            now = time.monotonic()
+            for path, due in list(self._retired.items()):
+                if due > now:
+                    continue
+                if in_use(path):
+                    self._retired[path] = now + self.grace
+                    continue
+                del self._retired[path]
+                shutil.rmtree(path, ignore_errors=True)
+                deleted.append(path)
+        return deleted
+
+    def next_deletion(self) -> float | None:
+        """Seconds until the next retired snapshot may be deleted (None: none retired)."""
+        with self._lock:
+            if not self._retired:
+                return None
+            return max(0.0, min(self._retired.values()) - time.monotonic())
+
     def collect(self, keep: set[Path]) -> int:
         """Delete every snapshot not in `keep`; returns how many were deleted."""
-        if not self.root.is_dir():
-            return 0
         removed = 0
         keep = {p.resolve() for p in keep}
-        for entry in self.root.iterdir():
-            if entry.resolve() in keep or not entry.is_dir():
-                continue
-            if entry.name.startswith(".") and time.time() - entry.stat().st_mtime < 600:
-                continue  # a snapshot being written right now
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
+        try:
+            entries = list(self.root.iterdir()) if self.root.is_dir() else []
+            for entry in entries:
+                if entry.resolve() in keep or not entry.is_dir():
+                    continue
+                if entry.name.startswith(".") and time.time() - entry.stat().st_mtime < 600:
+                    continue  # a snapshot being written right now
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        except OSError as exc:  # an unusable cache shows when a snapshot is taken
+            log.warning("cannot clean up %s (%s)", self.root, exc.strerror or exc)
         return removed
 
     def remove_all(self) -> None:

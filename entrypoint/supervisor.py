@@ -25,9 +25,11 @@ class BackendProcess:
     """The backend engine as a child process."""
 
     def __init__(
-        self, argv: list[str], env: Mapping[str, str], *, label: str, raw_logs: bool = True
+        self, argv: list[str], env: Mapping[str, str], *, label: str, raw_logs: bool = True,
+        shown_argv: list[str] | None = None,
     ) -> None:
         self.argv = argv
+        self.shown_argv = shown_argv or argv  # what the log shows (secrets redacted)
         self.env = dict(env)
         self.label = label
         self.raw_logs = raw_logs
@@ -44,7 +46,7 @@ class BackendProcess:
         return self.process.returncode if self.process else None
 
     async def start(self) -> None:
-        log.info("starting %s: %s", self.label, " ".join(self.argv))
+        log.info("starting %s: %s", self.label, " ".join(self.shown_argv))
         self.process = await asyncio.create_subprocess_exec(
             *self.argv,
             env={**os.environ, **self.env},

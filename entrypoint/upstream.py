@@ -21,8 +21,9 @@ class Upstream:
     """Pooled keep-alive connections to one backend; the session opens on first use."""
 
     def __init__(self, base_url: str, *, read_timeout: float = 600.0, connect_timeout: float = 5.0,
-                 ) -> None:
+                 headers: Mapping[str, str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.headers = dict(headers or {})  # sent with every request (the backend's API key)
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                              sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -34,6 +35,7 @@ class Upstream:
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
                 timeout=self.timeout,
                 auto_decompress=False,
+                headers=self.headers,
                 skip_auto_headers=("Accept-Encoding", "User-Agent"),
             )
         return self._session

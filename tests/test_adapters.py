@@ -1,6 +1,8 @@
 import json
 import os
+import shutil
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -147,3 +149,182 @@ def test_fingerprint_changes_with_the_files(library, source):
     (folder / "adapter_model.safetensors").write_bytes(
         (library / "beta" / "adapter_model.safetensors").read_bytes())
     assert inspect_folder(folder).fingerprint != before
+
+
+# ---- hostile folders: the scan never raises, never blocks, and says what is wrong ----
+
+def _old(path: Path) -> Path:
+    """Make `path` look written long ago (not a copy in progress)."""
+    past = time.time() - 60
+    os.utime(path, (past, past))
+    return path
+
+
+def _with_config(library: Path, folder: Path, text: str | bytes) -> Path:
+    copy_adapter(library / "alpha", folder)
+    config = folder / "adapter_config.json"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    _old(config)
+    return folder
+
+
+@pytest.fixture
+def deep_tree():
+    """Make folder trees deeper than Python's recursion limit (and remove them with `rm`,
+    which, unlike shutil.rmtree here, does not recurse)."""
+    made: list[Path] = []
+
+    def make(root: Path, depth: int) -> None:
+        made.append(root)
+        cwd = os.getcwd()
+        os.makedirs(root)
+        os.chdir(root)
+        try:
+            for _ in range(depth):
+                os.mkdir("d")
+                os.chdir("d")
+        finally:
+            os.chdir(cwd)
+
+    yield make
+    for root in made:
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+HOSTILE_CONFIGS = {
+    "nested": ("[" * 200_000, "not valid JSON"),
+    "binary": (bytes(range(256)) * 64, "not valid JSON"),
+    "r-word": (json.dumps({"r": "eight", "lora_alpha": 16, "target_modules": ["q_proj"]}),
+               "r='eight'"),
+    "modules-int": (json.dumps({"r": 8, "lora_alpha": 16, "target_modules": 5}),
+                    "target_modules=5"),
+    "alpha-null": (json.dumps({"r": 8, "lora_alpha": None, "target_modules": ["q_proj"]}),
+                   "lora_alpha=None"),
+    "modules-mixed": (json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", 3]}),
+                      "target_modules="),
+    "save-dicts": (json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+                               "modules_to_save": [{"a": 1}]}), "modules_to_save="),
+    "bias-list": (json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+                              "bias": ["all"]}), "bias=['all'] is not supported"),
+    "a-list": ("[1, 2, 3]", "not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_hostile_configs_get_a_reason(library, source, case):
+    text, reason = HOSTILE_CONFIGS[case]
+    found = inspect_folder(_with_config(library, source / case, text), max_rank=16)
+    assert not found.valid and not found.pending
+    assert reason in found.problem
+
+
+def test_huge_config_is_refused_without_reading_it(library, source):
+    folder = copy_adapter(library / "alpha", source / "huge")
+    with (folder / "adapter_config.json").open("wb") as handle:
+        handle.truncate(64 << 20)  # 64 MiB
+    found = inspect_folder(folder, max_rank=16)
+    assert "adapter_config.json is 67108864 bytes" in found.problem
+
+
+@pytest.mark.parametrize("file", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_fifo_where_a_file_belongs_never_blocks(library, source, file):
+    folder = copy_adapter(library / "alpha", source / "fifo")
+    (folder / file).unlink()
+    os.mkfifo(folder / file)  # opening it for reading would block forever
+    found = _in_thread(lambda: inspect_folder(folder, max_rank=16))
+    assert f"{file} is not a regular file" in found.problem and not found.pending
+
+
+def test_links_loops_and_folders_where_files_belong(library, source):
+    loop = copy_adapter(library / "alpha", source / "loop")
+    (loop / "adapter_model.safetensors").unlink()
+    (loop / "adapter_model.safetensors").symlink_to(loop / "adapter_model.safetensors")
+    folderish = copy_adapter(library / "alpha", source / "folderish")
+    (folderish / "adapter_config.json").unlink()
+    (folderish / "adapter_config.json").mkdir()
+    (source / "cycle").symlink_to(source / "cycle")  # a loop as an entry: not an adapter
+    (source / "notes.txt").write_text("a file where a folder is expected: not an adapter")
+    found = {f.name: f for f in scan_source(source, max_rank=16)}
+    assert set(found) == {"loop", "folderish"}
+    assert "adapter_model.safetensors is not a regular file" in found["loop"].problem
+    assert "adapter_config.json is not a regular file" in found["folderish"].problem
+
+
+def test_a_link_to_a_folder_outside_is_refused_one_inside_is_served(library, source, tmp_path):
+    outside = copy_adapter(library / "alpha", tmp_path / "elsewhere")
+    copy_adapter(library / "beta", source / ".store")
+    (source / "escape").symlink_to(outside)
+    (source / "inside").symlink_to(source / ".store")
+    found = {f.name: f for f in scan_source(source, max_rank=16)}
+    assert "outside NIM_PEFT_SOURCE" in found["escape"].problem and not found["escape"].valid
+    assert found["inside"].valid
+
+
+def test_a_name_that_is_not_utf8_is_refused_and_printable(library, source):
+    raw = os.fsencode(source) + b"/caf\xe9"
+    os.mkdir(raw)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with open(raw + b"/" + name.encode(), "wb") as handle:
+            handle.write((library / "alpha" / name).read_bytes())
+    (found,) = scan_source(source, max_rank=16)
+    assert "not a valid adapter name" in found.problem
+    assert json.dumps({"name": found.name}, ensure_ascii=False).encode()  # can be shown
+    assert found.name == "caf\\xe9"
+
+
+def test_a_very_deep_empty_tree_is_not_walked(source, deep_tree):
+    deep_tree(source / "deep", 1500)
+    started = time.monotonic()
+    (found,) = _in_thread(lambda: scan_source(source, max_rank=16))
+    assert time.monotonic() - started < 2
+    assert "no adapter files directly in this folder" in found.problem
+
+
+def test_empty_folder_is_pending_and_a_vanished_one_is_not_failed(library, source):
+    (source / "empty").mkdir()
+    assert inspect_folder(source / "empty").pending
+    folder = copy_adapter(library / "alpha", source / "gone")
+    from entrypoint.adapters import _list_folder
+
+    listing = _list_folder(str(folder))
+    shutil.rmtree(folder)  # removed between listing and reading
+    found = inspect_folder(folder, _listing=listing)
+    assert found.pending and not found.valid
+
+
+def test_everything_hostile_at_once_leaves_good_adapters_valid(library, source, deep_tree):
+    for case, (text, _) in HOSTILE_CONFIGS.items():
+        _with_config(library, source / case, text)
+    os.mkfifo(source / "pipe")
+    deep_tree(source / "deep", 1500)
+    copy_adapter(library / "alpha", source / "good")
+    found = {f.name: f for f in _in_thread(lambda: scan_source(source, max_rank=16))}
+    assert found["good"].valid
+    assert all(not f.valid for name, f in found.items() if name != "good")
+
+
+def test_a_missing_source_is_a_problem_not_an_empty_folder(library, tmp_path):
+    from entrypoint.adapters import AdapterScanner
+
+    source = tmp_path / "mount"
+    source.mkdir()
+    copy_adapter(library / "alpha", source / "alpha")
+    scanner = AdapterScanner(source, max_rank=16)
+    assert [f.name for f in scanner.scan()] == ["alpha"] and scanner.source_problem is None
+    source.rename(tmp_path / "unmounted")
+    assert [f.name for f in scanner.scan()] == ["alpha"]  # what it knew, not "nothing"
+    assert scanner.source_problem == "is gone"
+    (tmp_path / "unmounted").rename(source)
+    scanner.scan()
+    assert scanner.source_problem is None
+
+
+def _in_thread(work, timeout: float = 10.0):
+    """Run `work` in a thread; fail (instead of hanging the suite) if it blocks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(work).result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False)

@@ -18,4 +18,6 @@ def test_every_setting_is_in_the_readme_table():
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
         variable = "NIM_MODEL_NAME" if name == "model_name" else env_name(name)
+        if name.startswith("vllm_"):  # vLLM's own variables, honoured as vLLM does
+            variable = name.upper()
         assert f"`{variable}`" in readme, f"{variable} is missing from README.md's settings table"

@@ -52,7 +52,8 @@ def make_state(upstream: str, *, timeout: float = 5.0) -> GatewayState:
                                reason="rank 64 is above NIM_MAX_LORA_RANK=16"))
     registry.put(AdapterRecord(name="first", state=State.LOADING, version="v3"))
     state = GatewayState(served_name="tiny", backend=VLLMBackend(), registry=registry,
-                         client=None, ready=True, backend_up=True, metrics=Metrics(registry))
+                         client=None, readiness=lambda: None, backend_up=True,
+                         metrics=Metrics(registry))
     state.upstream = (upstream, timeout)
     return state
 

@@ -155,3 +155,40 @@ def test_tp_from_the_environment_overrides_the_profile(monkeypatch, tiny_model, 
     plan = sglang_plan(monkeypatch, tiny_model, source, profile="vllm-bf16-tp2-pp1-feat_lora",
                        NIM_TENSOR_PARALLEL_SIZE="4")
     assert flag(plan.argv, "--tensor-parallel-size") == "4"
+
+
+@pytest.mark.parametrize(("plugins", "expected"), [
+    (None, None),  # vLLM loads every installed plugin, ours included
+    ("lora_filesystem_resolver", "lora_filesystem_resolver,lora_entrypoint"),
+    ("lora_entrypoint,x", "lora_entrypoint,x"),
+    ("", "lora_entrypoint"),
+])
+def test_our_vllm_plugin_stays_enabled(monkeypatch, tiny_model, source, plugins, expected):
+    env = {} if plugins is None else {"VLLM_PLUGINS": plugins}
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    plan = plan_for(monkeypatch, tiny_model, source, **env)
+    assert plan.env.get("VLLM_PLUGINS") == expected
+
+
+@pytest.mark.parametrize(("env", "keys"), [
+    ({}, ()),
+    ({"VLLM_API_KEY": "k1"}, ("k1",)),
+    ({"VLLM_API_KEY": "k1", "NIM_PASSTHROUGH_ARGS": "--api-key k2 k3 --seed 1"}, ("k2", "k3")),
+    ({"NIM_PASSTHROUGH_ARGS": "--api-key=k4"}, ("k4",)),
+])
+def test_api_keys_are_found_and_never_shown(monkeypatch, tiny_model, source, env, keys):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    plan = plan_for(monkeypatch, tiny_model, source, **env)
+    assert plan.api_keys == keys
+    shown = " ".join(plan.shown_argv) + json.dumps(plan.describe())
+    assert not any(key in shown for key in keys)
+    if "NIM_PASSTHROUGH_ARGS" in env:
+        assert any(a.startswith("--api-key") for a in plan.argv) and "***" in shown
+
+
+def test_sglang_api_key_comes_from_its_flag(monkeypatch, tiny_model, source, fake_gpus):
+    fake_gpus("1xH100")
+    monkeypatch.setenv("VLLM_API_KEY", "not-for-sglang")
+    plan = plan_for(monkeypatch, tiny_model, source, profile="sglang-bf16-tp1-pp1-feat_lora",
+                    NIM_PASSTHROUGH_ARGS="--api-key s1")
+    assert plan.api_keys == ("s1",)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
+from entrypoint import reconcile as reconciler_module
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
 from entrypoint.reconcile import Reconciler
@@ -173,3 +176,194 @@ def test_change_during_a_load_is_looked_at_when_the_load_ends(setup, library):
         assert "alpha" not in backend.served and registry.get("alpha") is None
 
     asyncio.run(scenario())
+
+
+# ---- one operation owns the gate; paths outlive requests; trouble outside the folder ----
+
+def with_snapshots(tmp_path, reconciler, *, grace: float = 0.3):
+    from entrypoint.snapshots import SnapshotStore
+
+    reconciler.snapshots = SnapshotStore(tmp_path / "cache" / "snapshots" / "x", grace=grace)
+    return reconciler.snapshots
+
+
+def test_a_swap_waits_for_running_requests_even_when_the_list_fails(setup, library, tmp_path):
+    """The backend's list cannot be read and the load answers "already loaded": the in-place
+    replace that follows must still wait for the adapter's running requests."""
+    source, backend, registry, reconciler = setup
+    events: list[str] = []
+    plain_load = backend.load
+
+    async def load(client, name, path, *, replace=False):
+        events.append(f"load replace={replace}")
+        return await plain_load(client, name, path, replace=replace)
+
+    async def list_fails(client):
+        raise httpx.ConnectError("listing failed")
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        backend.load, backend.loaded = load, list_fails
+        await reconciler.traffic.enter("alpha")  # a request is running on alpha
+        (source / "alpha" / "adapter_model.safetensors").write_bytes(
+            (library / "beta" / "adapter_model.safetensors").read_bytes())
+        await reconciler.sync()
+        await asyncio.sleep(0.3)
+        assert "load replace=True" not in events  # held at the gate
+        events.append("request ended")
+        reconciler.traffic.leave("alpha")
+        await reconciler.wait_idle()
+        assert events[-1] == "load replace=True"
+        assert events.index("request ended") < events.index("load replace=True")
+        assert registry.get("alpha").state is State.READY
+
+    asyncio.run(scenario())
+
+
+def test_removal_drains_unloads_then_deletes_the_snapshot_after_its_grace(setup, library,
+                                                                          tmp_path):
+    source, backend, registry, reconciler = setup
+    store = with_snapshots(tmp_path, reconciler, grace=0.3)
+    events: list[str] = []
+    plain_unload = backend.unload
+
+    async def unload(client, name):
+        events.append("unload")
+        return await plain_unload(client, name)
+
+    backend.unload = unload
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        snapshot = Path(backend.served["alpha"])
+        await reconciler.traffic.enter("alpha")
+        shutil.rmtree(source / "alpha")
+        await reconciler.sync()
+        await asyncio.sleep(0.2)
+        assert registry.get("alpha").state is State.REMOVING  # closed: new requests get 404
+        assert registry.ready("alpha") is None and events == []  # not unloaded under it
+        events.append("request ended")
+        reconciler.traffic.leave("alpha")
+        await reconciler.wait_idle()
+        assert events == ["request ended", "unload"] and registry.get("alpha") is None
+        assert snapshot.is_dir()  # the backend may still read it for a while
+        await asyncio.sleep(0.4)
+        await settle(reconciler)
+        assert not snapshot.exists() and store.next_deletion() is None
+
+    asyncio.run(scenario())
+
+
+def test_a_retired_snapshot_is_kept_while_its_adapter_still_has_requests(setup, library,
+                                                                         tmp_path):
+    source, backend, registry, reconciler = setup
+    with_snapshots(tmp_path, reconciler, grace=0.2)
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        first = Path(backend.served["alpha"])
+        reconciler_drain = reconciler_module.DRAIN_SECS
+        reconciler_module.DRAIN_SECS = 0.1  # a request that outlives the drain
+        try:
+            await reconciler.traffic.enter("alpha")
+            (source / "alpha" / "adapter_model.safetensors").write_bytes(
+                (library / "beta" / "adapter_model.safetensors").read_bytes())
+            await settle(reconciler)
+            assert Path(backend.served["alpha"]) != first
+            await asyncio.sleep(0.4)
+            await settle(reconciler)
+            assert first.is_dir()  # the old weights' request is still running
+            reconciler.traffic.leave("alpha")
+            await asyncio.sleep(0.4)
+            await settle(reconciler)
+            assert not first.exists()
+        finally:
+            reconciler_module.DRAIN_SECS = reconciler_drain
+
+    asyncio.run(scenario())
+
+
+def test_a_vanished_source_keeps_everything_served_and_says_so(setup, library, tmp_path, caplog):
+    source, backend, registry, reconciler = setup
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        source.rename(tmp_path / "unmounted")
+        for _ in range(3):
+            await settle(reconciler)
+        assert "alpha" in backend.served and registry.ready("alpha") is not None
+        assert "NIM_PEFT_SOURCE is unavailable" in registry.get("alpha").reason
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "NIM_PEFT_SOURCE=" in errors[0].getMessage()
+        (tmp_path / "unmounted").rename(source)
+        copy_adapter(library / "beta", source / "beta")
+        await settle(reconciler)
+        assert set(backend.served) == {"alpha", "beta"}
+        assert registry.get("alpha").reason == ""
+
+    asyncio.run(scenario())
+
+
+def test_an_unwritable_cache_is_reported_once_and_what_is_served_stays(setup, library, tmp_path,
+                                                                       caplog):
+    source, backend, registry, reconciler = setup
+    store = with_snapshots(tmp_path, reconciler)
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        served = backend.served["alpha"]
+        shutil.rmtree(store.root.parent)
+        store.root.parent.write_text("a file where the snapshot folder should be")
+        copy_adapter(library / "beta", source / "beta")
+        (source / "alpha" / "adapter_model.safetensors").write_bytes(
+            (library / "gamma" / "adapter_model.safetensors").read_bytes())
+        for _ in range(4):
+            await settle(reconciler)
+            await asyncio.sleep(0.3)
+        assert backend.served == {"alpha": served}  # alpha keeps its version, beta waits
+        beta, alpha = registry.get("beta"), registry.get("alpha")
+        assert beta.state is State.PENDING and "NIM_CACHE_PATH" in beta.reason
+        assert alpha.state is State.READY and "NIM_CACHE_PATH" in alpha.reason
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "NIM_CACHE_PATH" in errors[0].getMessage()
+        store.root.parent.unlink()  # fixed
+        await asyncio.sleep(2.1)  # past the backoff
+        await settle(reconciler)
+        assert set(backend.served) == {"alpha", "beta"} and backend.served["alpha"] != served
+
+    asyncio.run(scenario())
+
+
+def test_a_full_cache_disk_is_reported_and_recovers(setup, library, tmp_path):
+    source, backend, registry, reconciler = setup
+    store = with_snapshots(tmp_path, reconciler)
+    mount = store.root.parent.parent
+    mount.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root): full-disk case not run")
+    try:
+        filler = mount / "filler"
+
+        async def scenario():
+            with filler.open("wb") as handle:  # leave almost nothing free
+                with contextlib.suppress(OSError):
+                    handle.write(b"\0" * (1 << 20))
+            copy_adapter(library / "alpha", source / "alpha")
+            await settle(reconciler)
+            record = registry.get("alpha")
+            assert record.state is State.PENDING
+            assert "No space left on device" in record.reason and "NIM_CACHE_PATH" in record.reason
+            filler.unlink()
+            await asyncio.sleep(0.6)
+            await settle(reconciler)
+            assert registry.get("alpha").state is State.READY
+
+        asyncio.run(scenario())
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

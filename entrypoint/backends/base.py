@@ -116,6 +116,10 @@ class Backend(ABC):
         """Raise `ConfigError` for settings this engine cannot run with."""
         return None
 
+    def api_keys(self, settings: Settings) -> tuple[str, ...]:
+        """The keys the engine will require as `Authorization: Bearer <key>` (none: open)."""
+        return tuple(key for key in settings.passthrough_values("--api-key") if key)
+
     def rank_limit(self, wanted: int) -> int | None:
         """The smallest allowed max-rank covering `wanted`, or None when none does."""
         return next((rank for rank in self.allowed_ranks if rank >= wanted), None)

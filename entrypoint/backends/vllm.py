@@ -14,6 +14,7 @@ import httpx
 
 from ..settings import ConfigError
 from .base import Backend, Outcome, Reply, StartSpec, transient
+from .vllm_plugin import PLUGIN_NAME
 
 if TYPE_CHECKING:
     from ..profiles import Profile
@@ -51,6 +52,11 @@ class VLLMBackend(Backend):
                 "covers your adapters"
             )
 
+    def api_keys(self, settings: Settings) -> tuple[str, ...]:
+        # vLLM: `--api-key` takes one or more keys and replaces VLLM_API_KEY when given.
+        keys = settings.passthrough_values("--api-key", many=True) or [settings.vllm_api_key or ""]
+        return tuple(key for key in keys if key)
+
     def argv(
         self, spec: StartSpec, *, settings: Settings, profile: Profile, python: str
     ) -> list[str]:
@@ -83,6 +89,12 @@ class VLLMBackend(Backend):
         env = {"VLLM_LOGGING_LEVEL": settings.log_level, **profile.env}
         if spec.dynamic:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
+        # vLLM loads every installed plugin unless VLLM_PLUGINS lists some: keep ours listed.
+        wanted = profile.env.get("VLLM_PLUGINS", settings.vllm_plugins)
+        if wanted is not None:
+            names = [name.strip() for name in wanted.split(",") if name.strip()]
+            env["VLLM_PLUGINS"] = ",".join([*names, PLUGIN_NAME] if PLUGIN_NAME not in names
+                                           else names)
         return env
 
     async def load(

@@ -60,8 +60,11 @@ def build_shim(upstream: str) -> Starlette:
                 return JSONResponse({"error": {"message": "injected fault", "type": "Internal",
                                                "code": fault["status"]}},
                                     status_code=fault["status"])
+        headers = {"content-type": "application/json"}
+        if "authorization" in request.headers:
+            headers["authorization"] = request.headers["authorization"]
         upstream = await client.request(request.method, request.url.path, content=body,
-                                        headers={"content-type": "application/json"})
+                                        headers=headers)
         call["status"] = upstream.status_code
         return Response(upstream.content, status_code=upstream.status_code,
                         media_type=upstream.headers.get("content-type"))
@@ -83,7 +86,8 @@ def main() -> int:
     async def run() -> int:
         service = Service(startup, host="127.0.0.1", snapshots=store)
         service.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{shim_port}",
-                                           timeout=service.client.timeout)
+                                           timeout=service.client.timeout,
+                                           headers=service.client.headers)
         if service.reconciler is not None:
             service.reconciler.client = service.client
         shim = _GatewayServer(uvicorn.Config(

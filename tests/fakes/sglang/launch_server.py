@@ -8,6 +8,8 @@ depends on, including SGLang's traps:
 - `/health` answers 503 while warming up; `/v1/models` answers before that;
 - `/load_lora_adapter` and `/unload_lora_adapter` (no `/v1`) answer `success`/`error_message`
   bodies, 200 on success and 400 on every failure, with SGLang's messages;
+- with `--api-key`, every route but `/health*` and `/metrics*` wants `Authorization: Bearer
+  <key>` and answers 401 `{"error": "Unauthorized"}` without it;
 - the request `model` is split at the first ':'; a bare adapter name is served by the base model,
   silently, with 200; `base:unknown` is a 400; an unloaded adapter named in a request is reloaded
   from the path it had (SGLang remembers every path it ever loaded); `lora_path` in the body also
@@ -33,6 +35,8 @@ from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -62,6 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--api-key", default=None)
     return parser.parse_args(argv)
 
 
@@ -278,7 +283,17 @@ class FakeSGLang:
             yield
             print("[fake sglang] graceful shutdown", flush=True)  # after SIGTERM, not SIGKILL
 
-        return Starlette(lifespan=lifespan, routes=[
+        key = self.args.api_key
+
+        async def authenticate(request: Request, call_next):  # SGLang's add_api_key_middleware
+            open_path = request.url.path.startswith(("/health", "/metrics"))
+            if key and request.method != "OPTIONS" and not open_path and (
+                    request.headers.get("Authorization") != "Bearer " + key):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+            return await call_next(request)
+
+        return Starlette(lifespan=lifespan, middleware=[
+            Middleware(BaseHTTPMiddleware, dispatch=authenticate)], routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/health_generate", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
