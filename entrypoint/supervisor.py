@@ -107,6 +107,7 @@ class BackendProcess:
             return None
         if self.process.returncode is None:
             self._signal_group(signal.SIGTERM)
+            self._signal_group(signal.SIGCONT)  # a stopped (hung) process handles it now
             try:
                 await asyncio.wait_for(self.wait(), timeout=grace)
             except TimeoutError:

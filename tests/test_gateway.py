@@ -61,7 +61,8 @@ def make_state(upstream: str, *, timeout: float = 5.0) -> GatewayState:
 def run(state: GatewayState, method: str, path: str, **kwargs) -> httpx.Response:
     async def go() -> httpx.Response:
         url, timeout = state.upstream
-        state.client = Upstream(url, read_timeout=timeout, connect_timeout=2)
+        state.client = Upstream(url, read_timeout=timeout, connect_timeout=2,
+                                headers=getattr(state, "client_headers", None))
         try:
             transport = httpx.ASGITransport(app=build_app(state))
             async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
@@ -197,3 +198,34 @@ def test_public_socket_disables_nagle():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         sock.close()
+
+
+def test_an_upstream_error_never_looks_like_no_models(upstream):
+    state = make_state(upstream + "/locked")
+    reply = run(state, "GET", "/v1/models")
+    assert reply.status_code == 502
+    assert "HTTP 401" in reply.json()["error"]["message"]
+
+
+def test_api_key_guards_v1_but_not_health_and_the_backend_gets_ours(upstream):
+    state = make_state(upstream)
+    state.api_keys = ("k1", "k2")
+
+    def call(path, key=None, method="GET", **kwargs):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return run(state, method, path, headers=headers, **kwargs)
+
+    body = {"model": "alpha", "prompt": "hi"}
+    for path in ("/v1/models", "/v1/adapters", "/v1/metadata", "/v1/metrics"):
+        assert call(path).status_code == 401
+        assert call(path, "wrong").status_code == 401
+    assert call("/v1/completions", method="POST", json=body).status_code == 401
+    reply = call("/v1/completions", "wrong", method="POST", json=body)
+    assert reply.status_code == 401 and "Authorization: Bearer" in reply.json()["error"]["message"]
+    assert call("/v1/health/live").status_code == 200
+    assert call("/v1/health/ready").status_code == 200
+    assert call("/v1/models", "k2").status_code == 200
+    state.client_headers = {"Authorization": "Bearer backend-key"}
+    reply = call("/v1/completions", "k1", method="POST", json=body)
+    assert reply.status_code == 200
+    assert reply.json()["authorization_seen"] == "Bearer backend-key"  # ours, not the client's

@@ -32,6 +32,7 @@ def build(served: str, adapters: list[str]) -> Starlette:
         if prompt == "hang":
             await asyncio.sleep(30)
         text = f"{body.get('model')} says hi"
+        auth = request.headers.get("authorization")
         if body.get("stream"):
             chunks = int(body.get("max_tokens") or 4)
 
@@ -47,7 +48,8 @@ def build(served: str, adapters: list[str]) -> Starlette:
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         return JSONResponse({"object": "text_completion", "model": body.get("model"),
-                             "choices": [{"index": 0, "text": text, "finish_reason": "stop"}]})
+                             "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                             "authorization_seen": auth})
 
     async def metrics(request: Request) -> Response:
         return Response("# TYPE vllm:num_requests_running gauge\n"
@@ -57,8 +59,12 @@ def build(served: str, adapters: list[str]) -> Starlette:
     async def admin(request: Request) -> Response:
         return Response("Success: admin route reached", status_code=200)
 
+    async def locked(request: Request) -> Response:  # a backend that wants a key we lack
+        return JSONResponse({"error": "Unauthorized"}, status_code=401)
+
     return Starlette(routes=[
         Route("/v1/models", models),
+        Route("/locked/v1/models", locked),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", completions, methods=["POST"]),
         Route("/metrics", metrics),

@@ -1,0 +1,44 @@
+"""A backend that stops answering is not hidden behind a "ready" service: readiness follows its
+health route, and after NIM_BACKEND_HEALTH_TIMEOUT_SECS the entrypoint stops it and exits 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import copy_adapter
+from tests.e2e.server import alive, descendants, tiny_env
+from tests.e2e.test_vllm_static import _find_backend
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_hung_backend_makes_the_service_unready_then_stops_it(serve_factory, tiny_model,
+                                                                library, tmp_path):
+    source = tmp_path / "loras"
+    source.mkdir()
+    copy_adapter(library / "alpha", source / "hung-a")
+    server = serve_factory(tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="60",
+                                    NIM_BACKEND_HEALTH_TIMEOUT_SECS="6"),
+                           name="hung").wait_ready()
+    assert server.complete("hung-a")
+    family = descendants(server.process.pid)
+    vllm = _find_backend(server.process.pid)
+    os.kill(vllm, signal.SIGSTOP)  # alive, but answers nothing: like a hang in its shutdown
+    stopped = time.monotonic()
+
+    def unready() -> bool:
+        reply = server.http.get("/v1/health/ready")
+        return reply.status_code == 503 and "health check" in reply.json()["message"]
+
+    server.wait_for(unready, timeout=15, what="readiness follows the backend")
+    code = server.process.wait(timeout=60)
+    took = time.monotonic() - stopped
+    assert code == 1
+    assert took < 6 + 2 + 25, took  # the bound, a probe, the stop's grace
+    assert "has not answered /health for" in server.logs()
+    time.sleep(0.5)
+    assert not [pid for pid in family if alive(pid)], "processes left behind"

@@ -1,0 +1,106 @@
+"""Removing and swapping adapters under traffic never pulls files from under vLLM.
+
+With one adapter slot and one adapter in vLLM's host cache, every switch between two adapters
+evicts one and reads the other from its path again. An adapter removed (or swapped) while its
+requests were running used to have its snapshot deleted at once; vLLM then read the deleted path,
+its engine died and every request failed. Removal now closes the name, drains, unloads, and keeps
+the files for a grace period; swaps keep the old snapshot the same way.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import openai
+import pytest
+
+from tests.conftest import copy_adapter
+from tests.e2e.server import tiny_env
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, library):
+    folder = tmp_path_factory.mktemp("traffic") / "loras"
+    folder.mkdir()
+    copy_adapter(library / "alpha", folder / "busy-x")
+    copy_adapter(library / "beta", folder / "busy-y")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(serve_factory, tiny_model, source):
+    return serve_factory(
+        tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="120", NIM_MAX_LORA_RANK="16",
+                 NIM_MAX_GPU_LORAS="1", NIM_MAX_CPU_LORAS="1", NIM_SNAPSHOT_GRACE_SECS="3"),
+        name="traffic",
+    ).wait_ready()
+
+
+class Clients:
+    """Threads that keep streaming long answers from some models until stopped."""
+
+    def __init__(self, server, models: list[str], per_model: int = 2) -> None:
+        self.server = server
+        self.stop = threading.Event()
+        self.results: list[tuple[str, str]] = []  # (model, "ok" | "404" | error text)
+        self.threads = [threading.Thread(target=self._run, args=(m,), daemon=True)
+                        for m in models for _ in range(per_model)]
+
+    def _run(self, model: str) -> None:
+        client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="none", max_retries=0,
+                               timeout=120)
+        while not self.stop.is_set():
+            try:
+                stream = client.completions.create(model=model, prompt="Once upon a time",
+                                                   max_tokens=120, temperature=0, stream=True,
+                                                   extra_body={"ignore_eos": True})
+                for _ in stream:
+                    pass
+                self.results.append((model, "ok"))
+            except openai.NotFoundError:
+                self.results.append((model, "404"))
+                time.sleep(0.05)
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+                self.results.append((model, f"{type(exc).__name__}: {exc}"))
+                time.sleep(0.2)
+
+    def __enter__(self) -> Clients:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def test_swaps_and_removal_under_traffic_keep_the_engine_alive(server, source, library):
+    weights = {name: (library / name / "adapter_model.safetensors").read_bytes()
+               for name in ("alpha", "gamma")}
+    with Clients(server, ["busy-x", "busy-y", "tiny"]) as clients:
+        time.sleep(2)
+        for i in range(4):  # swap busy-x's weights back and forth while it streams
+            target = source / "busy-x" / "adapter_model.safetensors"
+            tmp = target.with_name(".swap")
+            tmp.write_bytes(weights["gamma" if i % 2 == 0 else "alpha"])
+            tmp.replace(target)
+            time.sleep(1.5)
+        shutil.rmtree(source / "busy-x")  # removed with requests in flight
+        server.wait_for(lambda: server.error_of("busy-x") is not None, timeout=60,
+                        what="busy-x closed")
+        time.sleep(6)  # past the grace period: its snapshots are gone now
+    assert server.process.poll() is None, server.logs()[-3000:]
+    failures = [r for r in clients.results if r[1] not in ("ok", "404")]
+    assert not failures, failures[:5]
+    assert [m for m, r in clients.results if r == "404"] == [m for m, r in clients.results
+                                                               if r == "404" and m == "busy-x"]
+    assert sum(1 for m, r in clients.results if m == "busy-x" and r == "ok") >= 2
+    assert server.complete("busy-y") and server.complete("tiny")
+    logs = server.logs()
+    assert "FileNotFoundError" not in logs and "died" not in logs and "Traceback" not in logs
+    assert not any(name.startswith("busy-x") for name in server.snapshots())
