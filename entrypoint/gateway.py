@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
+from .adapters import display_name
 from .backends import Backend
 from .metrics import Metrics
 from .registry import AdapterRecord, Registry, State, Traffic
@@ -94,7 +95,7 @@ def describe(record: AdapterRecord) -> dict:
         "size": record.size,
         "version": record.version,
         "served_version": record.loaded_version or None,
-        "source": str(record.source) if record.source else None,
+        "source": display_name(str(record.source)) if record.source else None,
         "since": datetime.fromtimestamp(record.since, UTC).isoformat(timespec="seconds"),
     }
 
@@ -237,7 +238,8 @@ def build_app(state: GatewayState) -> Starlette:
                 continue
             record = state.registry.ready(card["id"])
             if record is not None:  # only adapters we serve; the folder is what users know
-                served.append({**card, "root": str(record.source or card.get("root"))})
+                root = display_name(str(record.source or card.get("root")))
+                served.append({**card, "root": root})
         return JSONResponse({"object": "list", "data": served})
 
     async def inference(request: Request) -> Response:
