@@ -58,22 +58,32 @@ class BackendProcess:
         self._pump = asyncio.create_task(self._forward_logs())
 
     async def _forward_logs(self) -> None:
+        """Copy the child's output to our log, line by line, until it closes.
+
+        It must never stop early: a child whose output pipe is not drained blocks on its next
+        write, so a line it cannot handle is logged and the copying goes on.
+        """
         assert self.process is not None and self.process.stdout is not None
         stream = self.process.stdout
         while True:
             try:
-                line = await stream.readline()
-            except ValueError:  # a line over the stream limit: take what there is
-                line = await stream.read(65536)
-            if not line:
-                return
-            text = line.decode(errors="replace").rstrip()
-            self.tail.append(text)
-            if self.raw_logs:
-                sys.stderr.write(text + "\n")
-                sys.stderr.flush()
-            else:
-                backend_log.info(text)
+                try:
+                    line = await stream.readline()
+                except ValueError:  # a line over the stream limit: take what there is
+                    line = await stream.read(65536)
+                if not line:
+                    return
+                text = line.decode(errors="replace").rstrip()
+                self.tail.append(text)
+                if self.raw_logs:
+                    sys.stderr.write(text + "\n")
+                    sys.stderr.flush()
+                else:
+                    backend_log.info(text)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep draining whatever happens
+                log.exception("cannot forward a line of %s's output; going on", self.label)
 
     async def wait(self) -> int:
         """The child's exit code, as soon as it exits.
