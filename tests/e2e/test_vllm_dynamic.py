@@ -158,7 +158,8 @@ def test_metrics_have_ours_and_vllms(server):
 
 def test_a_client_that_goes_away_cancels_the_generation(server):
     stream = server.openai.completions.create(model="alpha", prompt="Hello", max_tokens=400,
-                                              temperature=0, stream=True)
+                                              temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True})
     next(iter(stream))
     server.wait_for(lambda: running_in_vllm(server) == 1, timeout=5, what="vLLM generating")
     stream.close()  # the client disconnects after the first chunk
