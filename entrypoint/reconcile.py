@@ -158,6 +158,8 @@ class Reconciler:
             return False  # backing off after a transient error
         if folder is None:
             return record is not None
+        if self._lost(record, actual) and self._keeps_previous(folder):
+            return True  # the backend lost the version we still serve: give it back
         if not folder.valid:
             # Only records the state; nothing to do when that is already recorded.
             return (record is None or record.version != folder.fingerprint
@@ -170,6 +172,16 @@ class Reconciler:
             return True  # unloaded behind our back, or lost in a backend restart
         return record.loaded_version != folder.fingerprint
 
+    @staticmethod
+    def _lost(record: AdapterRecord | None, actual: dict[str, str] | None) -> bool:
+        """The backend's list (when it could be read) lacks an adapter we serve."""
+        return (record is not None and record.loaded_path is not None and actual is not None
+                and record.name not in actual)
+
+    def _keeps_previous(self, folder: AdapterFolder) -> bool:
+        """The folder's files will not be loaded, so the previous version stays served."""
+        return not folder.valid or self._refused.get(folder.name) == folder.fingerprint
+
     async def _run(
         self, name: str, folder: AdapterFolder | None, actual: dict[str, str] | None
     ) -> None:
@@ -177,9 +189,12 @@ class Reconciler:
             async with self._slots:
                 if folder is None:
                     await self._remove(name)
-                elif not folder.valid:
+                    return
+                if self._lost(self.registry.get(name), actual) and self._keeps_previous(folder):
+                    await self._restore(name)
+                if not folder.valid:
                     self._record_invalid(folder)
-                else:
+                elif self._refused.get(name) != folder.fingerprint:
                     await self._load(folder, actual)
         except Exception as exc:  # never let one adapter take the loop down
             log.exception("adapter %s: unexpected error while reconciling", name)
@@ -205,7 +220,9 @@ class Reconciler:
             if record.reason != reason:
                 log.warning("adapter %s: new files not loaded (%s); still serving the previous "
                             "version", folder.name, reason)
-            self.registry.put(replace(record, version=folder.fingerprint, reason=reason))
+            # (A removal in progress is called off: the folder is back.)
+            self.registry.put(replace(record, state=State.READY, version=folder.fingerprint,
+                                      reason=reason))
             return
         state = State.PENDING if folder.pending else State.FAILED
         self.registry.put(AdapterRecord(name=folder.name, state=state, source=folder.path,
@@ -290,6 +307,22 @@ class Reconciler:
         else:
             self.registry.update(name, state=State.PENDING,
                                  reason=f"load will be retried: {reply.message}")
+
+    async def _restore(self, name: str) -> None:
+        """Load again the snapshot we serve `name` from, which the backend lost (a restart, an
+        unload behind our back) while the folder's own files cannot replace it."""
+        record = self.registry.get(name)
+        assert record is not None and record.loaded_path is not None
+        reply = await self.backend.load(self.client, name, record.loaded_path, replace=False)
+        if reply.outcome in (Outcome.DONE, Outcome.ALREADY_LOADED):
+            log.info("adapter %s: the backend had lost it; loaded the served version again",
+                     name)
+        elif reply.outcome is Outcome.TRANSIENT:
+            self._schedule_retry(name, reply.message)
+        else:
+            self.registry.put(replace(record, state=State.FAILED, loaded_path=None,
+                                      reason=f"refused by the backend: {reply.message}"))
+            await self._release(record.loaded_path)
 
     async def _swap(self, name: str, path: Path) -> Reply:
         """Replace the weights the backend serves under `name`: the one way to do it.

@@ -1,0 +1,258 @@
+"""A long seeded random run of folder operations, backend faults and requests, against the real
+reconciler, scanner, snapshots and gate, with a fake backend (seconds, thousands of operations).
+
+After each quiet period it checks what a user would notice: every valid folder is served with
+exactly its current weights; nothing removed or never valid is served; a folder whose new files
+are invalid keeps serving a version it really had. All along it checks what would break a real
+backend: no weights swapped or unloaded under a running request, no path loaded that does not
+exist, no path deleted while a request that used it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from entrypoint import reconcile as reconcile_module
+from entrypoint.adapters import inspect_folder
+from entrypoint.backends.base import Outcome, Reply
+from entrypoint.backends.vllm import VLLMBackend
+from entrypoint.reconcile import Reconciler
+from entrypoint.registry import Registry
+from entrypoint.snapshots import SnapshotStore
+
+NAMES = ("c-one", "c-two", "c-three", "c-four", "c-five")
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+class ChaosBackend(VLLMBackend):
+    """A backend that remembers what it serves, fails when told to, and checks our manners."""
+
+    def __init__(self, rng: random.Random, traffic) -> None:
+        self.rng = rng
+        self.traffic = traffic
+        self.served: dict[str, str] = {}
+        self.fail_rate = 0.0
+        self.violations: list[str] = []
+        self.faults = Counter()
+
+    def _fault(self) -> Reply | None:
+        if self.rng.random() < self.fail_rate:
+            kind = self.rng.choice(["HTTP 500", "ReadTimeout", "ConnectError"])
+            self.faults[kind] += 1
+            return Reply(Outcome.TRANSIENT, kind)
+        return None
+
+    async def load(self, client, name, path, *, replace=False) -> Reply:
+        await asyncio.sleep(0)
+        if not (Path(path) / WEIGHTS).is_file():
+            self.violations.append(f"load of {name} from a path that does not exist: {path}")
+        if fault := self._fault():
+            return fault
+        if name in self.served and not replace:
+            return Reply(Outcome.ALREADY_LOADED, "already loaded")
+        if replace and name in self.served and self.traffic.running(name):
+            self.violations.append(f"weights of {name} swapped under a running request")
+        self.served[name] = str(path)
+        return Reply(Outcome.DONE)
+
+    async def unload(self, client, name) -> Reply:
+        await asyncio.sleep(0)
+        if fault := self._fault():
+            return fault
+        if self.traffic.running(name):
+            self.violations.append(f"{name} unloaded under a running request")
+        return Reply(Outcome.DONE) if self.served.pop(name, None) else Reply(Outcome.GONE)
+
+    async def loaded(self, client) -> dict[str, str]:
+        if self.rng.random() < self.fail_rate:
+            self.faults["list failed"] += 1
+            raise httpx.ConnectError("cannot list")
+        return dict(self.served)
+
+
+class Chaos:
+    def __init__(self, seed: int, tmp: Path, library: Path) -> None:
+        self.rng = random.Random(seed)
+        self.source = tmp / "loras"
+        self.source.mkdir()
+        self.weights = [(library / n / WEIGHTS).read_bytes() for n in ("alpha", "beta", "gamma")]
+        self.config = (library / "alpha" / CONFIG).read_text()
+        self.registry = Registry()
+        self.snapshots = SnapshotStore(tmp / "cache", grace=0.02)
+        self.reconciler = Reconciler(
+            backend=VLLMBackend(), client=httpx.AsyncClient(), registry=self.registry,
+            source=self.source, served_name="tiny", max_rank=16, snapshots=self.snapshots)
+        self.backend = ChaosBackend(self.rng, self.reconciler.traffic)
+        self.reconciler.backend = self.backend
+        self.reconciler._wake = lambda: None  # the test decides when passes run
+        self.ops = Counter()
+        self.checks = 0
+        self.violations = self.backend.violations
+        self.history: dict[str, set[bytes]] = {}  # contents each name had while valid
+        self.requests: list[asyncio.Task] = []
+
+    # ---- operations on the folder ----
+
+    def _write(self, folder: Path, weights: bytes, config: str | None = None) -> None:
+        folder.mkdir(exist_ok=True)
+        (folder / CONFIG).write_text(config or self.config)
+        (folder / WEIGHTS).write_bytes(weights)
+
+    def op(self) -> None:
+        name = self.rng.choice(NAMES)
+        folder = self.source / name
+        weights = self.rng.choice(self.weights)
+        kind = self.rng.choice(["rename", "rename", "slow", "replace", "replace", "remove",
+                                "truncate", "json", "hostile", "fault", "behind", "calm"])
+        self.ops[kind] += 1
+        if kind == "rename":
+            staging = self.source / f".{name}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            self._write(staging, weights)
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)
+        elif kind == "slow":  # config first, then half the weights (a pass may see it so)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            (folder / CONFIG).write_text(self.config)
+            (folder / WEIGHTS).write_bytes(weights[: len(weights) // 2])
+            self.pending_rest = (folder, weights)
+        elif kind == "replace" and folder.is_dir():
+            tmp = folder / ".new"
+            tmp.write_bytes(weights)
+            tmp.replace(folder / WEIGHTS)
+        elif kind == "remove":
+            shutil.rmtree(folder, ignore_errors=True)
+        elif kind == "truncate" and (folder / WEIGHTS).is_file():
+            data = (folder / WEIGHTS).read_bytes()
+            (folder / WEIGHTS).write_bytes(data[: len(data) // 3])
+        elif kind == "json" and folder.is_dir():
+            path = folder / CONFIG
+            path.write_text("{broken")
+            past = os.path.getmtime(path) - 60
+            os.utime(path, (past, past))
+        elif kind == "hostile":
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            (folder / CONFIG).write_text("[" * 50_000)
+            os.mkfifo(folder / WEIGHTS)
+        elif kind == "fault":
+            self.backend.fail_rate = self.rng.choice([0.3, 0.6, 1.0])
+        elif kind == "behind" and self.backend.served:
+            self.backend.served.pop(self.rng.choice(sorted(self.backend.served)))
+            self.backend.faults["unloaded behind our back"] += 1
+        elif kind == "calm":
+            self.backend.fail_rate = 0.0
+        if kind != "slow" and getattr(self, "pending_rest", None):
+            rest_folder, rest = self.pending_rest
+            if rest_folder.is_dir() and (rest_folder / WEIGHTS).is_file():
+                (rest_folder / WEIGHTS).write_bytes(rest)
+            self.pending_rest = None
+        self._remember()
+
+    def _remember(self) -> None:
+        for name in NAMES:
+            folder = self.source / name
+            if not folder.is_dir():
+                continue  # removed; a pass may not have seen it before it came back
+            if inspect_folder(folder, max_rank=16).valid:
+                self.history.setdefault(name, set()).add((folder / WEIGHTS).read_bytes())
+
+    # ---- requests, as the gateway makes them ----
+
+    async def request(self, name: str) -> None:
+        traffic = self.reconciler.traffic
+        if self.registry.ready(name) is None:
+            return
+        await traffic.enter(name)
+        try:
+            record = self.registry.ready(name)
+            if record is None:
+                return
+            path = Path(self.backend.served.get(name, record.loaded_path or ""))
+            await asyncio.sleep(self.rng.random() * 0.003)
+            if not (path / WEIGHTS).is_file():
+                self.violations.append(f"{name}: its path was deleted under a request: {path}")
+        finally:
+            traffic.leave(name)
+
+    def some_requests(self) -> None:
+        for _ in range(self.rng.randint(0, 4)):
+            self.requests.append(asyncio.ensure_future(self.request(self.rng.choice(NAMES))))
+
+    # ---- quiet periods and invariants ----
+
+    async def quiet(self) -> None:
+        self.backend.fail_rate = 0.0
+        await asyncio.gather(*self.requests)
+        self.requests.clear()
+        for _ in range(40):  # passes until nothing changes (retries back off a little)
+            await self.reconciler.sync()
+            await self.reconciler.wait_idle()
+            await asyncio.sleep(0.005)
+        self.check()
+
+    def check(self) -> None:
+        self.checks += 1
+        for name in NAMES:
+            folder = self.source / name
+            served = self.backend.served.get(name)
+            record = self.registry.get(name)
+            if served is not None and not (Path(served) / WEIGHTS).is_file():
+                self.violations.append(f"{name}: served from a deleted path")
+                continue
+            content = (Path(served) / WEIGHTS).read_bytes() if served else None
+            found = inspect_folder(folder, max_rank=16) if folder.is_dir() else None
+            ready = self.registry.ready(name) is not None
+            if ready != (served is not None):
+                self.violations.append(f"{name}: registry ready={ready} but backend has "
+                                       f"{served}")
+            if found is None:
+                if served is not None or record is not None:
+                    self.violations.append(f"{name}: removed but still served or listed")
+                self.history.pop(name, None)  # seen removed: its old versions are gone
+            elif found.valid:
+                if content != (folder / WEIGHTS).read_bytes():
+                    self.violations.append(f"{name}: not served with its current weights")
+            elif content is not None and content not in self.history.get(name, set()):
+                self.violations.append(f"{name}: serves weights it never had while valid")
+            elif content is None and record is not None and record.loaded_path is not None:
+                self.violations.append(f"{name}: registry says loaded, backend says not")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_chaos_with_a_fake_backend(library, tmp_path, monkeypatch, seed):
+    monkeypatch.setattr(reconcile_module, "RETRY_BASE_SECS", 0.001)
+    monkeypatch.setattr(reconcile_module, "RETRY_MAX_SECS", 0.004)
+    monkeypatch.setattr(reconcile_module, "SETTLE_SECS", 0.001)
+    chaos = Chaos(seed, tmp_path, library)
+
+    async def run() -> None:
+        for i in range(1500):
+            chaos.op()
+            chaos.some_requests()
+            if chaos.rng.random() < 0.5:
+                await chaos.reconciler.sync()
+            await asyncio.sleep(0)
+            if i % 50 == 49:
+                await chaos.quiet()
+        await chaos.quiet()
+        await chaos.reconciler.close()
+
+    asyncio.run(run())
+    report = {"operations": sum(chaos.ops.values()), "by kind": dict(chaos.ops),
+              "faults": dict(chaos.backend.faults), "checks": chaos.checks,
+              "violations": len(chaos.violations)}
+    print(json.dumps(report))
+    assert not chaos.violations, chaos.violations[:10]
+    assert chaos.checks >= 30 and sum(chaos.backend.faults.values()) > 100
