@@ -63,8 +63,13 @@ def build_shim(upstream: str) -> Starlette:
         headers = {"content-type": "application/json"}
         if "authorization" in request.headers:
             headers["authorization"] = request.headers["authorization"]
-        upstream = await client.request(request.method, request.url.path, content=body,
-                                        headers=headers)
+        try:
+            upstream = await client.request(request.method, request.url.path, content=body,
+                                            headers=headers)
+        except httpx.HTTPError as exc:  # vLLM not up yet, or gone: what a proxy would say
+            call["status"] = 502
+            return JSONResponse({"error": {"message": f"shim: {type(exc).__name__}"}},
+                                status_code=502)
         call["status"] = upstream.status_code
         return Response(upstream.content, status_code=upstream.status_code,
                         media_type=upstream.headers.get("content-type"))
