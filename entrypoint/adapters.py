@@ -17,7 +17,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
@@ -250,7 +250,7 @@ def inspect_folder(
 ) -> AdapterFolder:
     """Validate one adapter folder and describe it. Never raises, never blocks on content."""
     listing = _listing or _list_folder(str(path))
-    base = {"name": display_name(path.name), "path": path,
+    base: dict[str, Any] = {"name": display_name(path.name), "path": path,
             "fingerprint": listing.fingerprint, "size": listing.size}
     try:
         return _inspect(path, listing, base, max_rank=max_rank, served_name=served_name)
@@ -259,7 +259,7 @@ def inspect_folder(
                                              f"{_shown(str(exc))})")
 
 
-def _inspect(path: Path, listing: _Listing, base: dict, *, max_rank: int | None,
+def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, max_rank: int | None,
              served_name: str | None) -> AdapterFolder:
     name = path.name
     folder = str(path)
@@ -311,7 +311,7 @@ def _inspect(path: Path, listing: _Listing, base: dict, *, max_rank: int | None,
         return AdapterFolder(**base, problem="adapter_config.json is not a JSON object")
     rank = config.get("r")
     alpha = config.get("lora_alpha")
-    described = {
+    described: dict[str, Any] = {
         **base,
         "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
         "alpha": alpha if isinstance(alpha, int | float) and not isinstance(alpha, bool) else None,

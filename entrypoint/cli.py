@@ -233,6 +233,7 @@ def demo(
     url = f"http://localhost:{settings.server_port}"
     other = [name for name in DEMO_ADAPTERS if name != first]
     loras = settings.peft_source
+    assert loras is not None  # set just above
 
     def instructions() -> None:
         print(

@@ -85,9 +85,9 @@ def build_base_model(out: Path, *, seed: int = 0) -> Path:
         eos_token_id=1,
         pad_token_id=2,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        torch_dtype="bfloat16",  # type: ignore[call-arg]  # accepted through **kwargs
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -127,7 +127,7 @@ def build_adapter(
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     tmp = out.with_name("." + out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp, safe_serialization=True)
+    peft_model.save_pretrained(str(tmp), safe_serialization=True)
     config_path = tmp / "adapter_config.json"
     data = json.loads(config_path.read_text())
     data["base_model_name_or_path"] = str(model)

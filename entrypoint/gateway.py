@@ -204,7 +204,7 @@ def record_request(
         )
 
 
-def build_app(state: GatewayState) -> Starlette:
+def build_app(state: GatewayState) -> ASGIApp:
     """The public ASGI application."""
 
     async def live(request: Request) -> Response:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 
 class State(enum.StrEnum):
@@ -61,7 +62,7 @@ class Registry:
         self._records[record.name] = record
         return record
 
-    def update(self, name: str, **changes: object) -> AdapterRecord:
+    def update(self, name: str, **changes: Any) -> AdapterRecord:
         """Change some fields of an existing record."""
         old = self._records[name]
         return self.put(replace(old, since=time.time(), **changes))

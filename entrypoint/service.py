@@ -13,6 +13,7 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import httpx
 import uvicorn
@@ -146,8 +147,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 #: how the public port's server runs (the gateway benchmark uses the same)
-GATEWAY_SERVER_OPTIONS = {"log_config": None, "access_log": False, "lifespan": "off",
-                          "timeout_graceful_shutdown": 5}
+GATEWAY_SERVER_OPTIONS: dict[str, Any] = {
+    "log_config": None, "access_log": False, "lifespan": "off", "timeout_graceful_shutdown": 5}
 
 
 def proxy_client(base_url: str, *, headers: dict[str, str] | None = None) -> Upstream:
@@ -227,10 +228,14 @@ class Service:
                 snapshots=snapshots,
                 traffic=self.gateway.traffic,
                 metrics=self.metrics,
-                wake=lambda: self.watcher and self.watcher.poke(),
+                wake=self._poke_watcher,
             )
             self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync,
                                          events=self.settings.peft_watch_events)
+
+    def _poke_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.poke()
 
     def describe(self) -> dict:
         """What `/v1/metadata` reports: the model, the selected profile, the backend, versions."""

@@ -7,6 +7,7 @@ Nothing else in the entrypoint reads `os.environ` for configuration. A bad value
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +299,7 @@ class Settings(BaseSettings):
             )
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     loc = [str(part) for part in error.get("loc", ()) if part != "__root__"]
     message = str(error.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")

@@ -155,7 +155,7 @@ def reap_orphans(keep: set[int]) -> list[int]:
 
     Peeks with WNOWAIT first, so the exit status of a child asyncio watches is never stolen.
     """
-    reaped = []
+    reaped: list[int] = []
     while True:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)

@@ -59,7 +59,7 @@ class Inotify:
 
     def drain(self) -> list[tuple[int, int]]:
         """Every pending event as (watch descriptor, mask); empty when there is none."""
-        events = []
+        events: list[tuple[int, int]] = []
         while True:
             try:
                 data = os.read(self.fd, 64 * 1024)
