@@ -10,12 +10,11 @@ LABEL org.opencontainers.image.title="lora-entrypoint" \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# The project, installed in place so that its profiles/ folder ships with it. No extras: the
+# The project (its profiles ship as package data). No extras: the
 # base image brings the backend (vLLM or SGLang) and its torch.
 WORKDIR /opt/lora-entrypoint
 COPY pyproject.toml README.md ./
 COPY entrypoint ./entrypoint
-COPY profiles ./profiles
 RUN python3 -m pip install --no-cache-dir --editable . \
     && mkdir -p /opt/nim/loras /opt/nim/.cache /opt/nim/profiles
 

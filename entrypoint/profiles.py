@@ -11,6 +11,8 @@ import json
 import logging
 import struct
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .hardware import GPU
 from .settings import ConfigError
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "profiles"
+#: the built-in profile files: package data, found wherever the package is installed
+BUILTIN_PROFILES = "builtin_profiles"
 BACKEND_ORDER = ("vllm", "sglang")  # NIM's order, without TensorRT-LLM
 PRECISION_ORDER = ("fp8", "bf16")  # lower precision first
 BYTES_PER_PARAM = {"fp8": 1.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
@@ -68,17 +71,23 @@ class Profile(BaseModel):
         return self.tp * self.pp if self.hardware.device == "gpu" else 0
 
 
+def _profile_files(folder: Traversable) -> list[Traversable]:
+    return sorted((f for f in folder.iterdir() if f.name.endswith((".yaml", ".yml"))),
+                  key=lambda f: f.name)
+
+
 def load_profiles(*folders: Path) -> list[Profile]:
     """Every `*.yaml` profile: the built-in ones, then each extra folder's (same name: replaced)."""
     profiles: dict[str, Profile] = {}
-    for folder in (BUILTIN_DIR, *folders):
+    builtin = resources.files(__package__ or "entrypoint").joinpath(BUILTIN_PROFILES)
+    for folder in (builtin, *folders):
         if not folder.is_dir():
-            if folder == BUILTIN_DIR:
-                raise ConfigError(f"the built-in profiles folder {folder} is missing; install "
-                                  "the project from its source tree (pip install -e .)")
+            if folder is builtin:
+                raise ConfigError(f"the built-in profiles ({folder}) are missing from the "
+                                  "installed package; reinstall lora-entrypoint")
             raise ConfigError(f"NIM_PROFILES_PATH={folder}: no such folder; mount your profile "
                               "files there or unset it")
-        for path in sorted(folder.glob("*.y*ml")):
+        for path in _profile_files(folder):
             try:
                 data = yaml.safe_load(path.read_text())
                 profile = Profile.model_validate({**(data or {}), "source": str(path)})

@@ -142,3 +142,27 @@ def test_a_broken_profile_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nbackend: trtllm\nprecision: bf16\n")
     with pytest.raises(ConfigError, match=r"^profile file .*bad.yaml is not a valid profile"):
         load_profiles(tmp_path)
+
+
+def test_profiles_ship_in_the_wheel(tmp_path):
+    """Installed from a wheel (not the source tree), the package still finds its profiles."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("lora_entrypoint-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("entrypoint/builtin_profiles/")}
+    expected = {p.name for p in (root / "entrypoint" / "builtin_profiles").glob("*.yaml")}
+    assert shipped == expected and len(shipped) >= 30
+    # and they load from there: unpack the wheel alone on sys.path
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import entrypoint.profiles as p; print(p.__file__); "
+            "print(len(p.load_profiles()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")})
+    where, count = out.stdout.split()
+    assert where.startswith(str(tmp_path / "site")) and int(count) == len(expected)
