@@ -79,17 +79,19 @@ class Reconciler:
             self.last_scan_secs = time.perf_counter() - started
             if self.metrics is not None:
                 self.metrics.scan_seconds.observe(self.last_scan_secs)
-            await self._delete_retired()
-            if self._source_unavailable(self.scanner.source_problem):
-                self.passes += 1
-                return  # keep serving what is loaded until the folder is back
             try:
                 actual: dict[str, str] | None = await self.backend.loaded(self.client)
             except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.warning("cannot list the backend's adapters (%s); will retry", exc)
                 actual = None
+            if actual is not None:  # nothing is deleted while the backend's paths are unknown
+                await self._delete_retired(set(actual.values()))
+            if self._source_unavailable(self.scanner.source_problem):
+                self.passes += 1
+                return  # keep serving what is loaded until the folder is back
             wanted = {folder.name: folder for folder in folders}
-            for name in sorted(set(wanted) | {r.name for r in self.registry.records()}):
+            known = set(wanted) | {r.name for r in self.registry.records()} | set(actual or {})
+            for name in sorted(known):
                 if name in self._work:
                     self._deferred.add(name)  # sequential per name: look again when it ends
                     continue
@@ -129,12 +131,20 @@ class Reconciler:
                                          if record.servable else "not loaded")))
         return True
 
-    async def _delete_retired(self) -> None:
-        """Delete snapshots nothing has served for their grace period; plan the next look."""
+    async def _delete_retired(self, backend_paths: set[str]) -> None:
+        """Delete snapshots nothing has served for their grace period; plan the next look.
+
+        `backend_paths` are the paths the backend reports loaded right now: a load we gave up
+        on (a timeout) may still have reached it, and it reads such a path again later.
+        """
         if self.snapshots is None:
             return
         store = self.snapshots
-        deleted = await asyncio.to_thread(store.delete_retired, in_use=self._snapshot_in_use)
+
+        def in_use(path: Path) -> bool:
+            return str(path) in backend_paths or self._snapshot_in_use(path)
+
+        deleted = await asyncio.to_thread(store.delete_retired, in_use=in_use)
         for path in deleted:
             log.debug("deleted snapshot %s", path)
         wait = store.next_deletion()
@@ -156,8 +166,11 @@ class Reconciler:
         record = self.registry.get(name)
         if name in self._retry and self._retry[name][1] > time.monotonic():
             return False  # backing off after a transient error
+        stray = self._stray(name, record, actual)
         if folder is None:
-            return record is not None
+            return record is not None or stray
+        if stray and self._keeps_previous(folder):
+            return True  # the backend holds what we do not serve: unload it
         if self._lost(record, actual) and self._keeps_previous(folder):
             return True  # the backend lost the version we still serve: give it back
         if not folder.valid:
@@ -170,13 +183,30 @@ class Reconciler:
             return True
         if actual is not None and name not in actual:
             return True  # unloaded behind our back, or lost in a backend restart
+        if actual is not None and actual[name] != str(record.loaded_path):
+            return True  # it serves another path (a load we gave up on arrived late): ours
         return record.loaded_version != folder.fingerprint
 
     @staticmethod
+    def _stray(name: str, record: AdapterRecord | None, actual: dict[str, str] | None) -> bool:
+        """The backend holds `name` while we serve nothing under it (a load we gave up on, a
+        timeout, that reached it later): it is unloaded, never left to hold stale weights."""
+        return (actual is not None and name in actual
+                and (record is None or record.loaded_path is None))
+
+    async def _unload_stray(self, name: str) -> None:
+        reply = await self.backend.unload(self.client, name)
+        if reply.outcome in (Outcome.DONE, Outcome.GONE):
+            log.info("adapter %s: unloaded from the backend, which held it though it is not "
+                     "served (a load that timed out here and reached it later)", name)
+        else:
+            self._schedule_retry(name, reply.message)
+
+    @staticmethod
     def _lost(record: AdapterRecord | None, actual: dict[str, str] | None) -> bool:
-        """The backend's list (when it could be read) lacks an adapter we serve."""
+        """The backend's list (when it could be read) lacks the version of an adapter we serve."""
         return (record is not None and record.loaded_path is not None and actual is not None
-                and record.name not in actual)
+                and actual.get(record.name) != str(record.loaded_path))
 
     def _keeps_previous(self, folder: AdapterFolder) -> bool:
         """The folder's files will not be loaded, so the previous version stays served."""
@@ -187,6 +217,10 @@ class Reconciler:
     ) -> None:
         try:
             async with self._slots:
+                record = self.registry.get(name)
+                if self._stray(name, record, actual) and (
+                        folder is None or self._keeps_previous(folder)):
+                    await self._unload_stray(name)
                 if folder is None:
                     await self._remove(name)
                     return
@@ -277,7 +311,7 @@ class Reconciler:
         if inplace:
             reply = await self._swap(name, path)
         else:
-            reply = await self.backend.load(self.client, name, path, replace=False)
+            reply = await self._send_load(name, path, replace=False)
             if reply.outcome is Outcome.ALREADY_LOADED:  # it was there after all
                 reply = await self._swap(name, path)
         old_path = record.loaded_path if serving and record else None
@@ -313,7 +347,9 @@ class Reconciler:
         unload behind our back) while the folder's own files cannot replace it."""
         record = self.registry.get(name)
         assert record is not None and record.loaded_path is not None
-        reply = await self.backend.load(self.client, name, record.loaded_path, replace=False)
+        reply = await self._send_load(name, record.loaded_path, replace=False)
+        if reply.outcome is Outcome.ALREADY_LOADED:  # with other weights: put ours back
+            reply = await self._swap(name, record.loaded_path)
         if reply.outcome in (Outcome.DONE, Outcome.ALREADY_LOADED):
             log.info("adapter %s: the backend had lost it; loaded the served version again",
                      name)
@@ -323,6 +359,14 @@ class Reconciler:
             self.registry.put(replace(record, state=State.FAILED, loaded_path=None,
                                       reason=f"refused by the backend: {reply.message}"))
             await self._release(record.loaded_path)
+
+    async def _send_load(self, name: str, path: Path, *, replace: bool) -> Reply:
+        """One load call. When its outcome is unknown (a timeout, a dropped connection) the
+        backend may still act on it later, so `path` is kept ten grace periods at least."""
+        reply = await self.backend.load(self.client, name, path, replace=replace)
+        if reply.outcome is Outcome.TRANSIENT and self.snapshots is not None:
+            self.snapshots.hold(path, self.snapshots.grace * 10)
+        return reply
 
     async def _swap(self, name: str, path: Path) -> Reply:
         """Replace the weights the backend serves under `name`: the one way to do it.
@@ -334,7 +378,7 @@ class Reconciler:
             if still_running:
                 log.warning("adapter %s: %d requests still running after %.0f s; swapping "
                             "weights under them", name, still_running, DRAIN_SECS)
-            return await self.backend.load(self.client, name, path, replace=True)
+            return await self._send_load(name, path, replace=True)
 
     def _fail(self, folder: AdapterFolder, serving: AdapterRecord | None, message: str) -> None:
         reason = f"refused by the backend: {message}"
@@ -377,14 +421,17 @@ class Reconciler:
         """A snapshot no adapter serves any more: deleted after its grace period, unused.
 
         Never at once: the backend may still read it for requests it accepted (after a drain
-        that timed out, or aborts still in flight). Never a user's folder.
+        that timed out, or aborts still in flight), or act late on a load that timed out here
+        (`_send_load` holds such a path longer; none is deleted while the backend lists it).
+        Never a user's folder.
         """
         if self.snapshots is None or path.parent != self.snapshots.root:
             return
         if any(r.loaded_path == path for r in self.registry.records()):
             return
         self.snapshots.retire(path)
-        asyncio.get_running_loop().call_later(self.snapshots.grace + 0.1, self._wake)
+        wait = self.snapshots.next_deletion()
+        asyncio.get_running_loop().call_later((wait or 0.0) + 0.1, self._wake)
 
     def _count(self, metric: str, label: str | None = None, *, seconds: float = 0.0) -> None:
         if self.metrics is None:

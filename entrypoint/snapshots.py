@@ -65,6 +65,7 @@ class SnapshotStore:
         self.grace = grace
         self._lock = threading.Lock()
         self._retired: dict[Path, float] = {}  # path -> monotonic time it may be deleted
+        self._kept: dict[Path, float] = {}  # taken again while retired: its grace, for later
 
     def _cache_error(self, exc: OSError) -> SnapshotFailed:
         return SnapshotFailed(
@@ -95,7 +96,8 @@ class SnapshotStore:
                 raise SnapshotChanged(copy.problem or "files changed while copying")
             final = self.root / f"{folder.name}-{digest.hexdigest()}"
             with self._lock:
-                self._retired.pop(final, None)  # served again: no longer to be deleted
+                if final in self._retired:  # served again: no longer to be deleted, but a
+                    self._kept[final] = self._retired.pop(final)  # grace it had still holds
                 try:
                     if final.exists():
                         shutil.rmtree(tmp)
@@ -148,10 +150,24 @@ class SnapshotStore:
             os.close(src)
 
     def retire(self, path: Path) -> None:
-        """`path` is served no more: delete it once the grace period has passed unused."""
+        """`path` is served no more: delete it once the grace period has passed unused.
+
+        A grace already running, or a hold, is never shortened.
+        """
         if path.parent == self.root:
+            due = time.monotonic() + self.grace
             with self._lock:
-                self._retired[path] = time.monotonic() + self.grace
+                self._retired[path] = max(due, self._retired.get(path, 0.0),
+                                          self._kept.get(path, 0.0))
+
+    def hold(self, path: Path, seconds: float) -> None:
+        """Keep `path` at least `seconds` from now, whatever retires it (a load of it timed out:
+        the backend may still act on it)."""
+        with self._lock:
+            until = time.monotonic() + seconds
+            self._kept[path] = max(until, self._kept.get(path, 0.0))
+            if path in self._retired:
+                self._retired[path] = max(self._retired[path], until)
 
     def delete_retired(self, *, in_use: Callable[[Path], bool]) -> list[Path]:
         """Delete the retired snapshots whose grace period is over; returns them.
@@ -162,6 +178,7 @@ class SnapshotStore:
         deleted = []
         with self._lock:
             now = time.monotonic()
+            self._kept = {p: t for p, t in self._kept.items() if t > now}  # expired holds
             for path, due in list(self._retired.items()):
                 if due > now:
                     continue
@@ -169,6 +186,7 @@ class SnapshotStore:
                     self._retired[path] = now + self.grace
                     continue
                 del self._retired[path]
+                self._kept.pop(path, None)
                 shutil.rmtree(path, ignore_errors=True)
                 deleted.append(path)
         return deleted

@@ -45,18 +45,27 @@ class ChaosBackend(VLLMBackend):
         self.violations: list[str] = []
         self.faults = Counter()
 
-    def _fault(self) -> Reply | None:
+    def _fault(self, late: tuple[str, str] | None = None) -> Reply | None:
         if self.rng.random() < self.fail_rate:
-            kind = self.rng.choice(["HTTP 500", "ReadTimeout", "ConnectError"])
+            kind = self.rng.choice(["HTTP 500", "ReadTimeout", "ConnectError", "late load"])
             self.faults[kind] += 1
+            if kind == "late load" and late is not None:  # timed out here, done there later
+                name, path = late
+                asyncio.get_running_loop().call_later(self.rng.random() * 0.05, self._arrive,
+                                                      name, path)
             return Reply(Outcome.TRANSIENT, kind)
         return None
+
+    def _arrive(self, name: str, path: str) -> None:
+        if not (Path(path) / WEIGHTS).is_file():
+            self.violations.append(f"a late load of {name} found its path deleted: {path}")
+        self.served[name] = path
 
     async def load(self, client, name, path, *, replace=False) -> Reply:
         await asyncio.sleep(0)
         if not (Path(path) / WEIGHTS).is_file():
             self.violations.append(f"load of {name} from a path that does not exist: {path}")
-        if fault := self._fault():
+        if fault := self._fault(late=(name, str(path))):
             return fault
         if name in self.served and not replace:
             return Reply(Outcome.ALREADY_LOADED, "already loaded")
