@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import shutil
 from collections import Counter
@@ -28,10 +27,9 @@ from entrypoint.backends.vllm import VLLMBackend
 from entrypoint.reconcile import Reconciler
 from entrypoint.registry import Registry
 from entrypoint.snapshots import SnapshotStore
+from tests.chaos_ops import CONFIG, FOLDER_CHANGES, WEIGHTS, change_folder
 
 NAMES = ("c-one", "c-two", "c-three", "c-four", "c-five")
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
 
 
 class ChaosBackend(VLLMBackend):
@@ -124,37 +122,15 @@ class Chaos:
         kind = self.rng.choice(["rename", "rename", "slow", "replace", "replace", "remove",
                                 "truncate", "json", "hostile", "fault", "behind", "calm"])
         self.ops[kind] += 1
-        if kind == "rename":
-            staging = self.source / f".{name}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            self._write(staging, weights)
-            shutil.rmtree(folder, ignore_errors=True)
-            staging.rename(folder)
+        if kind in FOLDER_CHANGES:
+            change_folder(kind, self.source, name, weights=weights, config=self.config,
+                          aged_json=True)
         elif kind == "slow":  # config first, then half the weights (a pass may see it so)
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
             (folder / CONFIG).write_text(self.config)
             (folder / WEIGHTS).write_bytes(weights[: len(weights) // 2])
             self.pending_rest = (folder, weights)
-        elif kind == "replace" and folder.is_dir():
-            tmp = folder / ".new"
-            tmp.write_bytes(weights)
-            tmp.replace(folder / WEIGHTS)
-        elif kind == "remove":
-            shutil.rmtree(folder, ignore_errors=True)
-        elif kind == "truncate" and (folder / WEIGHTS).is_file():
-            data = (folder / WEIGHTS).read_bytes()
-            (folder / WEIGHTS).write_bytes(data[: len(data) // 3])
-        elif kind == "json" and folder.is_dir():
-            path = folder / CONFIG
-            path.write_text("{broken")
-            past = os.path.getmtime(path) - 60
-            os.utime(path, (past, past))
-        elif kind == "hostile":
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            (folder / CONFIG).write_text("[" * 50_000)
-            os.mkfifo(folder / WEIGHTS)
         elif kind == "fault":
             self.backend.fail_rate = self.rng.choice([0.3, 0.6, 1.0])
         elif kind == "behind" and self.backend.served:

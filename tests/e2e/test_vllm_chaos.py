@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 
+from tests.chaos_ops import CONFIG, FOLDER_CHANGES, WEIGHTS, change_folder
 from tests.conftest import copy_adapter
 from tests.e2e.server import free_port, tiny_env
 
@@ -32,7 +33,6 @@ pytestmark = pytest.mark.e2e
 NAMES = ("chaos-1", "chaos-2", "chaos-3", "chaos-4")
 VARIANTS = ("alpha", "beta", "gamma")
 PROMPT = "Once upon a time"
-WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
 
@@ -138,15 +138,9 @@ def test_chaos_on_the_real_vllm(setup):
         kind = rng.choice(["rename", "rename", "slow", "replace", "replace", "remove", "truncate",
                            "json", "hostile", "fail-load", "timeout", "behind"])
         ops[kind] += 1
-        if kind == "rename":
-            staging = source / f".{name}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            (staging / CONFIG).write_text(config)
-            (staging / WEIGHTS).write_bytes(weights[variant])
-            shutil.rmtree(folder, ignore_errors=True)
-            staging.rename(folder)
-        elif kind == "slow":
+        if kind in FOLDER_CHANGES:
+            change_folder(kind, source, name, weights=weights[variant], config=config)
+        elif kind == "slow":  # a slow `cp`: the config, then the weights in four writes
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
             (folder / CONFIG).write_text(config)
@@ -156,22 +150,6 @@ def test_chaos_on_the_real_vllm(setup):
                     out.write(data[i:i + len(data) // 4 + 1])
                     out.flush()
                     time.sleep(0.05)
-        elif kind == "replace" and folder.is_dir():
-            tmp = folder / ".new"
-            tmp.write_bytes(weights[variant])
-            tmp.replace(folder / WEIGHTS)
-        elif kind == "remove":
-            shutil.rmtree(folder, ignore_errors=True)
-        elif kind == "truncate" and (folder / WEIGHTS).is_file():
-            data = (folder / WEIGHTS).read_bytes()
-            (folder / WEIGHTS).write_bytes(data[: len(data) // 3])
-        elif kind == "json" and folder.is_dir():
-            (folder / CONFIG).write_text("{broken")
-        elif kind == "hostile":
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            (folder / CONFIG).write_text("[" * 100_000)
-            os.mkfifo(folder / WEIGHTS)
         elif kind == "fail-load":
             status = rng.choice([500, 503])
             httpx.post(shim + "/__faults", json={"path": LOAD, "status": status,
