@@ -93,12 +93,24 @@ def _list_folder(path: str) -> _Listing:
     return _Listing(digest, sum(files.values()), files, frozenset(others))
 
 
-def _read_regular(path: str, limit: int) -> bytes:
-    """Up to `limit` bytes of `path` if it is a regular file; never blocks on a FIFO."""
+def open_regular(path: str | Path) -> int:
+    """A read descriptor for `path` if it is a regular file, else OSError; never blocks on a
+    FIFO (opened non-blocking, checked with fstat)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(errno.EISDIR, "not a regular file")
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_regular(path: str, limit: int) -> bytes:
+    """Up to `limit` bytes of `path` if it is a regular file."""
+    fd = open_regular(path)
+    try:
         return os.read(fd, limit)
     finally:
         os.close(fd)

@@ -8,9 +8,10 @@ File work (scans, snapshots) runs in threads; backend calls go through the backe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -153,9 +154,10 @@ class Reconciler:
 
     def _snapshot_in_use(self, path: Path) -> bool:
         """A retired snapshot is still needed while its adapter has requests running."""
-        name = path.name.rsplit("-", 1)[0]
-        if self.traffic.running(name):
-            return True
+        return bool(self.traffic.running(path.name.rsplit("-", 1)[0])) or self._served(path)
+
+    def _served(self, path: Path) -> bool:
+        """Some adapter is served from `path`."""
         return any(r.loaded_path == path for r in self.registry.records())
 
     # ---- deciding ----
@@ -181,10 +183,8 @@ class Reconciler:
             return False  # refused: failed until its files change
         if record is None or record.loaded_path is None:
             return True
-        if actual is not None and name not in actual:
-            return True  # unloaded behind our back, or lost in a backend restart
-        if actual is not None and actual[name] != str(record.loaded_path):
-            return True  # it serves another path (a load we gave up on arrived late): ours
+        if self._lost(record, actual):
+            return True  # unloaded behind our back, lost in a restart, or another path there
         return record.loaded_version != folder.fingerprint
 
     @staticmethod
@@ -374,11 +374,17 @@ class Reconciler:
         A swap changes the weights under running requests, so it owns the adapter's gate: new
         requests wait, running ones finish (up to DRAIN_SECS), then the weights change.
         """
+        async with self._gate(name, "swapping weights under them"):
+            return await self._send_load(name, path, replace=True)
+
+    @contextlib.asynccontextmanager
+    async def _gate(self, name: str, then: str) -> AsyncIterator[None]:
+        """Hold new requests for `name` and let its running ones finish (up to DRAIN_SECS)."""
         async with self.traffic.exclusive(name, timeout=DRAIN_SECS) as still_running:
             if still_running:
-                log.warning("adapter %s: %d requests still running after %.0f s; swapping "
-                            "weights under them", name, still_running, DRAIN_SECS)
-            return await self._send_load(name, path, replace=True)
+                log.warning("adapter %s: %d requests still running after %.0f s; %s", name,
+                            still_running, DRAIN_SECS, then)
+            yield
 
     def _fail(self, folder: AdapterFolder, serving: AdapterRecord | None, message: str) -> None:
         reason = f"refused by the backend: {message}"
@@ -403,10 +409,7 @@ class Reconciler:
         # Closed first (new requests get 404), then drained, then unloaded; its snapshot stays
         # until nothing can need it any more (`_release`).
         self.registry.update(name, state=State.REMOVING, reason="folder removed")
-        async with self.traffic.exclusive(name, timeout=DRAIN_SECS) as still_running:
-            if still_running:
-                log.warning("adapter %s: %d requests still running after %.0f s; unloading it, "
-                            "its files stay until they end", name, still_running, DRAIN_SECS)
+        async with self._gate(name, "unloading it, its files stay until they end"):
             reply = await self.backend.unload(self.client, name)
         if reply.outcome in (Outcome.DONE, Outcome.GONE):
             self.registry.drop(name)
@@ -425,9 +428,7 @@ class Reconciler:
         (`_send_load` holds such a path longer; none is deleted while the backend lists it).
         Never a user's folder.
         """
-        if self.snapshots is None or path.parent != self.snapshots.root:
-            return
-        if any(r.loaded_path == path for r in self.registry.records()):
+        if self.snapshots is None or path.parent != self.snapshots.root or self._served(path):
             return
         self.snapshots.retire(path)
         wait = self.snapshots.next_deletion()

@@ -11,13 +11,12 @@ import hashlib
 import logging
 import os
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .adapters import CONFIG_FILE, WEIGHT_FILES, AdapterFolder, inspect_folder
+from .adapters import CONFIG_FILE, WEIGHT_FILES, AdapterFolder, inspect_folder, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +38,6 @@ class SnapshotFailed(Exception):
 RETIRE_GRACE_SECS = 30.0
 
 
-def _open_regular(path: Path) -> int:
-    """A read descriptor for `path` if it is a regular file (never blocks on a FIFO)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SnapshotChanged(f"{path.name} is not a regular file")
-        os.set_blocking(fd, True)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 class SnapshotStore:
     """Snapshots under `<NIM_CACHE_PATH>/snapshots/<instance>/<name>-<content hash>`.
 
@@ -65,7 +51,8 @@ class SnapshotStore:
         self.grace = grace
         self._lock = threading.Lock()
         self._retired: dict[Path, float] = {}  # path -> monotonic time it may be deleted
-        self._kept: dict[Path, float] = {}  # taken again while retired: its grace, for later
+        self._kept: dict[Path, float] = {}  # held (a load of it timed out), or taken again
+        # while retired: the time before which it may not be deleted
 
     def _cache_error(self, exc: OSError) -> SnapshotFailed:
         return SnapshotFailed(
@@ -113,7 +100,7 @@ class SnapshotStore:
     def _copy(self, source: Path, target: Path, digest: hashlib.blake2b) -> None:
         """Copy one file (if it is there) and feed its name and bytes to `digest`."""
         try:
-            src = _open_regular(source)
+            src = open_regular(source)
         except FileNotFoundError:
             return
         except OSError as exc:
