@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,16 +20,23 @@ import httpx
 from .adapters import AdapterFolder, AdapterScanner
 from .backends import Backend, Outcome, Reply
 from .metrics import Metrics
-from .registry import AdapterRecord, Registry, State, Traffic
+from .registry import AdapterState, Registry, State, Traffic
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotStore
 
 log = logging.getLogger(__name__)
 
-RETRY_BASE_SECS = 0.5
-RETRY_MAX_SECS = 30.0
 SETTLE_SECS = 0.2  # look again this soon after catching a folder mid-change
 DRAIN_SECS = 30.0  # longest wait for running requests before swapping or unloading an adapter
 SOURCE_GONE = "NIM_PEFT_SOURCE is unavailable"
+STRAY = "held by the backend though not served here; unloading it"
+
+
+@dataclass
+class _Job:
+    """Work in flight for one name; `again` when a pass skipped the name meanwhile."""
+
+    task: asyncio.Task[None]
+    again: bool = False
 
 
 class Reconciler:
@@ -58,11 +65,7 @@ class Reconciler:
         self.traffic = traffic or Traffic()
         self.metrics = metrics
         self._slots = asyncio.Semaphore(parallel)
-        self._work: dict[str, asyncio.Task[None]] = {}
-        self._retry: dict[str, tuple[int, float]] = {}  # name -> (attempts, not before)
-        self._reported: dict[str, str] = {}  # name -> last problem logged (log each once)
-        self._refused: dict[str, str] = {}  # name -> fingerprint the backend refused
-        self._deferred: set[str] = set()  # names a pass skipped because work was in flight
+        self._work: dict[str, _Job] = {}  # at most one per name
         self._pass = asyncio.Lock()
         self._source_problem: str | None = None  # NIM_PEFT_SOURCE missing or unreadable
         self._cache_problem: str | None = None  # snapshots cannot be written
@@ -91,26 +94,29 @@ class Reconciler:
                 self.passes += 1
                 return  # keep serving what is loaded until the folder is back
             wanted = {folder.name: folder for folder in folders}
-            known = set(wanted) | {r.name for r in self.registry.records()} | set(actual or {})
+            known = set(wanted) | self.registry.names() | set(actual or {})
             for name in sorted(known):
-                if name in self._work:
-                    self._deferred.add(name)  # sequential per name: look again when it ends
+                job = self._work.get(name)
+                if job is not None:
+                    job.again = True  # sequential per name: look again when it ends
                     continue
                 folder = wanted.get(name)
                 if not self._needs_work(name, folder, actual):
                     continue
-                self._work[name] = asyncio.create_task(self._run(name, folder, actual))
+                self._work[name] = _Job(asyncio.create_task(self._run(name, folder, actual)))
             self.passes += 1
 
     async def wait_idle(self) -> None:
         """Wait until no per-name work is in flight."""
         while self._work:
-            await asyncio.gather(*list(self._work.values()), return_exceptions=True)
+            await asyncio.gather(*[job.task for job in self._work.values()],
+                                 return_exceptions=True)
 
     async def close(self) -> None:
-        for task in self._work.values():
+        tasks = [job.task for job in self._work.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._work.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _source_unavailable(self, problem: str | None) -> bool:
         """Note a missing or unreadable NIM_PEFT_SOURCE (once); True while it lasts."""
@@ -119,17 +125,20 @@ class Reconciler:
         self._source_problem = problem
         if problem is None:
             log.info("NIM_PEFT_SOURCE=%s is readable again; reconciling", self.scanner.source)
-            for record in self.registry.records():
-                if record.reason.startswith(SOURCE_GONE):
-                    self.registry.put(replace(record, reason=""))
+            for name in self.registry.names():
+                state = self.registry.state(name)
+                if state is not None and state.record.reason.startswith(SOURCE_GONE):
+                    state.note("")
             return False
         log.error("NIM_PEFT_SOURCE=%s: %s; still serving the %d adapters loaded before, and "
                   "looking again every pass (check the volume mount)", self.scanner.source,
                   problem, len(self.registry.ready_names()))
-        for record in self.registry.records():
-            self.registry.put(replace(record, reason=f"{SOURCE_GONE} ({problem}); "
-                                      + ("still serving the version loaded before"
-                                         if record.servable else "not loaded")))
+        for name in self.registry.names():
+            state = self.registry.state(name)
+            if state is not None:
+                state.note(f"{SOURCE_GONE} ({problem}); " + (
+                    "still serving the version loaded before" if state.record.servable
+                    else "not loaded"))
         return True
 
     async def _delete_retired(self, backend_paths: set[str]) -> None:
@@ -165,112 +174,105 @@ class Reconciler:
     def _needs_work(
         self, name: str, folder: AdapterFolder | None, actual: dict[str, str] | None
     ) -> bool:
-        record = self.registry.get(name)
-        if name in self._retry and self._retry[name][1] > time.monotonic():
+        state = self.registry.state(name)
+        if state is not None and state.backing_off(time.monotonic()):
             return False  # backing off after a transient error
-        stray = self._stray(name, record, actual)
+        stray = self._stray(name, state, actual)
         if folder is None:
-            return record is not None or stray
-        if stray and self._keeps_previous(folder):
+            return state is not None or stray
+        if stray and self._keeps_previous(state, folder):
             return True  # the backend holds what we do not serve: unload it
-        if self._lost(record, actual) and self._keeps_previous(folder):
+        if self._lost(state, actual) and self._keeps_previous(state, folder):
             return True  # the backend lost the version we still serve: give it back
+        if state is None:
+            return True
+        record = state.record
         if not folder.valid:
             # Only records the state; nothing to do when that is already recorded.
-            return (record is None or record.version != folder.fingerprint
-                    or record.reason != folder.problem)
-        if self._refused.get(name) == folder.fingerprint:
+            return record.version != folder.fingerprint or record.reason != folder.problem
+        if state.refused == folder.fingerprint:
             return False  # refused: failed until its files change
-        if record is None or record.loaded_path is None:
-            return True
-        if self._lost(record, actual):
-            return True  # unloaded behind our back, lost in a restart, or another path there
+        if not state.serving or self._lost(state, actual):
+            return True  # not loaded; unloaded behind our back, lost in a restart, moved
         return record.loaded_version != folder.fingerprint
 
     @staticmethod
-    def _stray(name: str, record: AdapterRecord | None, actual: dict[str, str] | None) -> bool:
+    def _stray(name: str, state: AdapterState | None, actual: dict[str, str] | None) -> bool:
         """The backend holds `name` while we serve nothing under it (a load we gave up on, a
         timeout, that reached it later): it is unloaded, never left to hold stale weights."""
-        return (actual is not None and name in actual
-                and (record is None or record.loaded_path is None))
+        return actual is not None and name in actual and (state is None or not state.serving)
 
-    async def _unload_stray(self, name: str) -> None:
+    async def _unload_stray(self, name: str) -> bool:
+        """Unload `name`, which we do not serve, from the backend. False when it failed."""
         reply = await self.backend.unload(self.client, name)
         if reply.outcome in (Outcome.DONE, Outcome.GONE):
             log.info("adapter %s: unloaded from the backend, which held it though it is not "
                      "served (a load that timed out here and reached it later)", name)
-        else:
-            self._schedule_retry(name, reply.message)
+            return True
+        self._retry_later(self.registry.track(name, State.REMOVING, reason=STRAY), reply.message)
+        return False
 
     @staticmethod
-    def _lost(record: AdapterRecord | None, actual: dict[str, str] | None) -> bool:
+    def _lost(state: AdapterState | None, actual: dict[str, str] | None) -> bool:
         """The backend's list (when it could be read) lacks the version of an adapter we serve."""
-        return (record is not None and record.loaded_path is not None and actual is not None
-                and actual.get(record.name) != str(record.loaded_path))
+        return (state is not None and state.serving and actual is not None
+                and actual.get(state.name) != str(state.record.loaded_path))
 
-    def _keeps_previous(self, folder: AdapterFolder) -> bool:
+    @staticmethod
+    def _keeps_previous(state: AdapterState | None, folder: AdapterFolder) -> bool:
         """The folder's files will not be loaded, so the previous version stays served."""
-        return not folder.valid or self._refused.get(folder.name) == folder.fingerprint
+        return not folder.valid or (state is not None and state.refused == folder.fingerprint)
 
     async def _run(
         self, name: str, folder: AdapterFolder | None, actual: dict[str, str] | None
     ) -> None:
         try:
             async with self._slots:
-                record = self.registry.get(name)
-                if self._stray(name, record, actual) and (
-                        folder is None or self._keeps_previous(folder)):
-                    await self._unload_stray(name)
+                state = self.registry.state(name)
+                if self._stray(name, state, actual) and (
+                        folder is None or self._keeps_previous(state, folder)):
+                    if not await self._unload_stray(name):
+                        return  # retried after a backoff
                 if folder is None:
                     await self._remove(name)
                     return
-                if self._lost(self.registry.get(name), actual) and self._keeps_previous(folder):
+                state = self.registry.state(name)
+                if self._lost(state, actual) and self._keeps_previous(state, folder):
                     await self._restore(name)
                 if not folder.valid:
                     self._record_invalid(folder)
-                elif self._refused.get(name) != folder.fingerprint:
+                elif state is None or state.refused != folder.fingerprint:
                     await self._load(folder, actual)
         except Exception as exc:  # never let one adapter take the loop down
             log.exception("adapter %s: unexpected error while reconciling", name)
-            record = self.registry.get(name)
-            if record is not None:
-                self.registry.put(replace(
-                    record, state=State.READY if record.loaded_path else State.PENDING,
-                    reason=f"internal error ({exc!r}); will be retried"))
-            self._schedule_retry(name, repr(exc))
+            state = self.registry.state(name)
+            if state is not None:
+                state.waiting(f"internal error ({exc!r}); will be retried")
+                self._retry_later(state, repr(exc))
         finally:
-            self._work.pop(name, None)
-            if name in self._deferred:
-                self._deferred.discard(name)
+            job = self._work.pop(name, None)
+            if job is not None and job.again:
                 self._wake()
 
     # ---- acting ----
 
     def _record_invalid(self, folder: AdapterFolder) -> None:
-        record = self.registry.get(folder.name)
         reason = folder.problem or "invalid"
-        if record is not None and record.loaded_path is not None:
-            # Keep serving what was loaded; say why the new files are not taken.
-            if record.reason != reason:
-                log.warning("adapter %s: new files not loaded (%s); still serving the previous "
-                            "version", folder.name, reason)
-            # (A removal in progress is called off: the folder is back.)
-            self.registry.put(replace(record, state=State.READY, version=folder.fingerprint,
-                                      reason=reason))
+        state = self.registry.track(folder.name, source=folder.path)
+        serving = state.serving
+        if not state.invalid(folder, reason):
             return
-        state = State.PENDING if folder.pending else State.FAILED
-        self.registry.put(AdapterRecord(name=folder.name, state=state, source=folder.path,
-                                        version=folder.fingerprint, rank=folder.rank,
-                                        size=folder.size, reason=reason))
-        if self._reported.get(folder.name) != reason:
-            self._reported[folder.name] = reason
-            if not folder.pending:
-                self._count("failures", "invalid")
-            level = logging.INFO if folder.pending else logging.WARNING
-            verb = "waiting" if folder.pending else "skipped"
-            log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.path)
+        if serving:
+            log.warning("adapter %s: new files not loaded (%s); still serving the previous "
+                        "version", folder.name, reason)
+            return
+        if not folder.pending:
+            self._count("failures", "invalid")
+        level = logging.INFO if folder.pending else logging.WARNING
+        verb = "waiting" if folder.pending else "skipped"
+        log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.path)
 
-    async def _snapshot(self, folder: AdapterFolder) -> Path | str:
+    async def _snapshot(self, state: AdapterState, folder: AdapterFolder) -> Path | str:
         """The path to load from (a fresh snapshot), or why there is none now."""
         if self.snapshots is None:
             return folder.path
@@ -285,7 +287,7 @@ class Reconciler:
             if self._cache_problem != str(exc):  # once, not once per adapter and retry
                 self._cache_problem = str(exc)
                 log.error("%s (adapters wait; the ones served keep being served)", exc)
-            self._schedule_retry(folder.name, str(exc), quiet=True)
+            self._retry_later(state, str(exc), quiet=True)
             return f"{exc}; will be retried"
         if self._cache_problem is not None:
             log.info("snapshots can be written again under NIM_CACHE_PATH")
@@ -294,18 +296,15 @@ class Reconciler:
 
     async def _load(self, folder: AdapterFolder, actual: dict[str, str] | None) -> None:
         name = folder.name
-        record = self.registry.get(name)
-        serving = record is not None and record.loaded_path is not None
+        state = self.registry.track(name, State.LOADING)
+        old_path = state.record.loaded_path
+        serving = old_path is not None
         # The backend holds this name unless its list (when it could be read) says otherwise.
         inplace = serving and (actual is None or name in actual)
-        base = record or AdapterRecord(name=name, state=State.LOADING)
-        self.registry.put(replace(base, state=State.LOADING, source=folder.path,
-                                  version=folder.fingerprint, rank=folder.rank, size=folder.size,
-                                  reason=""))
-        path = await self._snapshot(folder)
+        state.loading(folder)
+        path = await self._snapshot(state, folder)
         if isinstance(path, str):
-            state = State.READY if serving else State.PENDING
-            self.registry.update(name, state=state, reason=path)
+            state.waiting(path)
             return
         started = time.monotonic()
         if inplace:
@@ -314,11 +313,8 @@ class Reconciler:
             reply = await self._send_load(name, path, replace=False)
             if reply.outcome is Outcome.ALREADY_LOADED:  # it was there after all
                 reply = await self._swap(name, path)
-        old_path = record.loaded_path if serving and record else None
         if reply.outcome is Outcome.DONE:
-            self._forget(name)
-            self.registry.update(name, state=State.READY, loaded_path=path,
-                                 loaded_version=folder.fingerprint, reason="")
+            state.loaded(path, folder.fingerprint)
             took = time.monotonic() - started
             log.info("adapter %s: %s in %.0f ms (rank %s, %s)", name,
                      "reloaded" if inplace else "loaded", took * 1000, folder.rank, folder.path)
@@ -329,36 +325,32 @@ class Reconciler:
         if path != old_path:
             await self._release(path)
         if reply.outcome is Outcome.REFUSED:
-            self._retry.pop(name, None)
             self._count("failures", "refused")
-            self._fail(folder, record if serving else None, reply.message)
+            log.warning("adapter %s: refused by the backend: %s (%s)", name, reply.message,
+                        folder.path)
+            state.refused_by_backend(folder, f"refused by the backend: {reply.message}")
             return
         self._count("failures", "transient")
-        self._schedule_retry(name, reply.message)
-        if serving:
-            self.registry.update(name, state=State.READY,
-                                 reason=f"reload will be retried: {reply.message}")
-        else:
-            self.registry.update(name, state=State.PENDING,
-                                 reason=f"load will be retried: {reply.message}")
+        self._retry_later(state, reply.message)
+        state.waiting(f"{'reload' if serving else 'load'} will be retried: {reply.message}")
 
     async def _restore(self, name: str) -> None:
         """Load again the snapshot we serve `name` from, which the backend lost (a restart, an
         unload behind our back) while the folder's own files cannot replace it."""
-        record = self.registry.get(name)
-        assert record is not None and record.loaded_path is not None
-        reply = await self._send_load(name, record.loaded_path, replace=False)
+        state = self.registry.state(name)
+        assert state is not None and state.record.loaded_path is not None
+        path = state.record.loaded_path
+        reply = await self._send_load(name, path, replace=False)
         if reply.outcome is Outcome.ALREADY_LOADED:  # with other weights: put ours back
-            reply = await self._swap(name, record.loaded_path)
+            reply = await self._swap(name, path)
         if reply.outcome in (Outcome.DONE, Outcome.ALREADY_LOADED):
             log.info("adapter %s: the backend had lost it; loaded the served version again",
                      name)
         elif reply.outcome is Outcome.TRANSIENT:
-            self._schedule_retry(name, reply.message)
+            self._retry_later(state, reply.message)
         else:
-            self.registry.put(replace(record, state=State.FAILED, loaded_path=None,
-                                      reason=f"refused by the backend: {reply.message}"))
-            await self._release(record.loaded_path)
+            state.unloaded(f"refused by the backend: {reply.message}")
+            await self._release(path)
 
     async def _send_load(self, name: str, path: Path, *, replace: bool) -> Reply:
         """One load call. When its outcome is unknown (a timeout, a dropped connection) the
@@ -386,39 +378,26 @@ class Reconciler:
                             still_running, DRAIN_SECS, then)
             yield
 
-    def _fail(self, folder: AdapterFolder, serving: AdapterRecord | None, message: str) -> None:
-        reason = f"refused by the backend: {message}"
-        self._refused[folder.name] = folder.fingerprint
-        log.warning("adapter %s: %s (%s)", folder.name, reason, folder.path)
-        if serving is not None:
-            reason = f"new files {reason}; still serving the previous version"
-            self.registry.put(replace(serving, state=State.READY, version=folder.fingerprint,
-                                      reason=reason))
-        else:
-            self.registry.update(folder.name, state=State.FAILED, reason=reason,
-                                 loaded_path=None)
-
     async def _remove(self, name: str) -> None:
-        record = self.registry.get(name)
-        if record is None:
+        state = self.registry.state(name)
+        if state is None:
             return
-        if record.loaded_path is None:
+        path = state.record.loaded_path
+        if path is None:
             self.registry.drop(name)
-            self._forget(name)
             return
         # Closed first (new requests get 404), then drained, then unloaded; its snapshot stays
         # until nothing can need it any more (`_release`).
-        self.registry.update(name, state=State.REMOVING, reason="folder removed")
+        state.removing("folder removed")
         async with self._gate(name, "unloading it, its files stay until they end"):
             reply = await self.backend.unload(self.client, name)
         if reply.outcome in (Outcome.DONE, Outcome.GONE):
             self.registry.drop(name)
-            self._forget(name)
             log.info("adapter %s: unloaded (folder removed)", name)
             self._count("unloads")
-            await self._release(record.loaded_path)
+            await self._release(path)
         else:
-            self._schedule_retry(name, reply.message)
+            self._retry_later(state, reply.message)
 
     async def _release(self, path: Path) -> None:
         """A snapshot no adapter serves any more: deleted after its grace period, unused.
@@ -442,16 +421,9 @@ class Reconciler:
         if seconds:
             self.metrics.load_seconds.observe(seconds)
 
-    def _forget(self, name: str) -> None:
-        self._retry.pop(name, None)
-        self._reported.pop(name, None)
-        self._refused.pop(name, None)
-
-    def _schedule_retry(self, name: str, message: str, *, quiet: bool = False) -> None:
-        attempts = self._retry.get(name, (0, 0.0))[0] + 1
-        delay = min(RETRY_MAX_SECS, RETRY_BASE_SECS * 2 ** (attempts - 1))
-        self._retry[name] = (attempts, time.monotonic() + delay)
+    def _retry_later(self, state: AdapterState, message: str, *, quiet: bool = False) -> None:
+        delay = state.retry_later(time.monotonic())
         if not quiet:
             log.warning("adapter %s: backend not answering (%s); retry %d in %.1f s",
-                        name, message, attempts, delay)
+                        state.name, message, state.attempts, delay)
         asyncio.get_running_loop().call_later(delay, self._wake)

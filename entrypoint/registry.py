@@ -1,7 +1,8 @@
-"""Registry: the one source of truth for every adapter's state (name -> record).
+"""Registry: one state object per adapter name, and the read-only view of them.
 
-The reconciler writes it; the gateway routes from it and renders it. It holds data only and does
-no I/O.
+The reconciler owns the states and changes them only through their transitions
+(`AdapterState`); the gateway and the metrics read `AdapterRecord`s through the registry's
+read methods. It holds data only and does no I/O.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .adapters import AdapterFolder
+
+RETRY_BASE_SECS = 0.5
+RETRY_MAX_SECS = 30.0
 
 
 class State(enum.StrEnum):
-    PENDING = "pending"  # seen, not complete yet (being copied)
+    PENDING = "pending"  # seen, not complete yet (being copied), or waiting for a retry
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"  # with a reason; stays failed until the folder's files change
@@ -26,7 +33,7 @@ class State(enum.StrEnum):
 
 @dataclass(frozen=True)
 class AdapterRecord:
-    """What we know of one adapter name."""
+    """What the service shows of one adapter name (read-only)."""
 
     name: str
     state: State
@@ -45,47 +52,160 @@ class AdapterRecord:
         return self.loaded_path is not None and self.state in (State.READY, State.LOADING)
 
 
+class AdapterState:
+    """Everything known of one adapter name: the record shown, and the facts that steer the
+    reconciler's next step (backoff, a refusal, what was logged). Changed only through the
+    transitions below; `since` moves when the state does.
+    """
+
+    __slots__ = ("record", "attempts", "retry_at", "refused", "reported")
+
+    def __init__(self, record: AdapterRecord) -> None:
+        self.record = record
+        self.attempts = 0  # backend calls that failed in a row
+        self.retry_at = 0.0  # monotonic time before which no work starts (backoff)
+        self.refused = ""  # fingerprint of files the backend refused: failed until they change
+        self.reported = ""  # the last problem logged (each is logged once)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def serving(self) -> bool:
+        """The backend holds a version we serve (whatever the state)."""
+        return self.record.loaded_path is not None
+
+    def _set(self, **changes: Any) -> AdapterRecord:
+        old = self.record
+        new = replace(old, **changes)
+        if new.state != old.state:
+            new = replace(new, since=time.time())
+        self.record = new
+        return new
+
+    def _describe(self, folder: AdapterFolder) -> dict[str, Any]:
+        return {"source": folder.path, "version": folder.fingerprint, "rank": folder.rank,
+                "size": folder.size}
+
+    # ---- transitions ----
+
+    def invalid(self, folder: AdapterFolder, reason: str) -> bool:
+        """The folder's files cannot be loaded (yet): served versions keep serving, else
+        pending (being copied) or failed. True when `reason` is new (log it once)."""
+        new = reason != (self.record.reason if self.serving else self.reported)
+        if self.serving:  # (a removal in progress is called off: the folder is back)
+            self._set(state=State.READY, version=folder.fingerprint, reason=reason)
+        else:
+            self._set(state=State.PENDING if folder.pending else State.FAILED,
+                      loaded_version="", reason=reason, **self._describe(folder))
+            self.reported = reason
+        return new
+
+    def loading(self, folder: AdapterFolder) -> None:
+        self._set(state=State.LOADING, reason="", **self._describe(folder))
+
+    def waiting(self, reason: str) -> None:
+        """Not loaded this time (retried later): served versions keep serving."""
+        self._set(state=State.READY if self.serving else State.PENDING, reason=reason)
+
+    def loaded(self, path: Path, version: str) -> None:
+        self._set(state=State.READY, loaded_path=path, loaded_version=version, reason="")
+        self.attempts, self.retry_at, self.refused, self.reported = 0, 0.0, "", ""
+
+    def refused_by_backend(self, folder: AdapterFolder, reason: str) -> None:
+        """The backend refused these files: failed (or, when an older version is served, that
+        one serves on) until the folder's files change."""
+        self.refused, self.attempts, self.retry_at = folder.fingerprint, 0, 0.0
+        if self.serving:
+            self._set(state=State.READY, version=folder.fingerprint,
+                      reason=f"new files {reason}; still serving the previous version")
+        else:
+            self._set(state=State.FAILED, loaded_path=None, loaded_version="", reason=reason)
+
+    def unloaded(self, reason: str) -> None:
+        """The backend no longer holds what we served and will not take it back."""
+        self._set(state=State.FAILED, loaded_path=None, loaded_version="", reason=reason)
+
+    def removing(self, reason: str) -> None:
+        self._set(state=State.REMOVING, reason=reason)
+
+    def note(self, reason: str) -> None:
+        """Say why, without changing the state."""
+        self._set(reason=reason)
+
+    def retry_later(self, now: float) -> float:
+        """A backend call failed: back off exponentially. Returns the delay."""
+        self.attempts += 1
+        delay = min(RETRY_MAX_SECS, RETRY_BASE_SECS * 2 ** (self.attempts - 1))
+        self.retry_at = now + delay
+        return delay
+
+    def backing_off(self, now: float) -> bool:
+        return self.retry_at > now
+
+
 class Registry:
-    """Adapter records by name. Mutated only through `put` and `drop` (so `since` is right)."""
+    """The adapter states by name. Others read records; the reconciler (and the static start)
+    add, change and drop states."""
 
     def __init__(self) -> None:
-        self._records: dict[str, AdapterRecord] = {}
+        self._states: dict[str, AdapterState] = {}
+
+    # ---- the read-only view ----
 
     def get(self, name: str) -> AdapterRecord | None:
-        return self._records.get(name)
-
-    def put(self, record: AdapterRecord) -> AdapterRecord:
-        """Store `record`; `since` is kept while the state does not change."""
-        old = self._records.get(record.name)
-        if old is not None and old.state == record.state:
-            record = replace(record, since=old.since)
-        self._records[record.name] = record
-        return record
-
-    def update(self, name: str, **changes: Any) -> AdapterRecord:
-        """Change some fields of an existing record."""
-        old = self._records[name]
-        return self.put(replace(old, since=time.time(), **changes))
-
-    def drop(self, name: str) -> None:
-        self._records.pop(name, None)
+        state = self._states.get(name)
+        return state.record if state is not None else None
 
     def records(self) -> list[AdapterRecord]:
-        return sorted(self._records.values(), key=lambda r: r.name)
+        return sorted((s.record for s in self._states.values()), key=lambda r: r.name)
 
     def ready(self, name: str) -> AdapterRecord | None:
         """The record of `name` when it can serve requests (ready and loaded), else None."""
-        record = self._records.get(name)
-        return record if record is not None and record.servable else None
+        state = self._states.get(name)
+        return state.record if state is not None and state.record.servable else None
 
     def ready_names(self) -> list[str]:
-        return [r.name for r in self.records() if self.ready(r.name)]
+        return [r.name for r in self.records() if r.servable]
 
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in State}
-        for record in self._records.values():
-            counts[record.state.value] += 1
+        for state in self._states.values():
+            counts[state.record.state.value] += 1
         return counts
+
+    def names(self) -> set[str]:
+        return set(self._states)
+
+    # ---- for the owner ----
+
+    def state(self, name: str) -> AdapterState | None:
+        return self._states.get(name)
+
+    def track(self, name: str, state: State = State.PENDING, **fields: Any) -> AdapterState:
+        """The state of `name`, added with this record when there is none."""
+        existing = self._states.get(name)
+        if existing is None:
+            existing = self._states[name] = AdapterState(
+                AdapterRecord(name=name, state=state, **fields))
+        return existing
+
+    def put(self, record: AdapterRecord) -> AdapterState:
+        """Show `record` for its name (the static start; tests). `since` stays while the state
+        does not change."""
+        existing = self._states.get(record.name)
+        if existing is None:
+            existing = self._states[record.name] = AdapterState(record)
+        else:
+            if existing.record.state == record.state:
+                record = replace(record, since=existing.record.since)
+            existing.record = record
+        return existing
+
+    def drop(self, name: str) -> None:
+        """Forget `name` with everything known of it."""
+        self._states.pop(name, None)
 
 
 class Traffic:

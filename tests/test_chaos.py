@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from entrypoint import reconcile as reconcile_module
+from entrypoint import registry as registry_module
 from entrypoint.adapters import inspect_folder
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
@@ -217,8 +218,8 @@ class Chaos:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_chaos_with_a_fake_backend(library, tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(reconcile_module, "RETRY_BASE_SECS", 0.001)
-    monkeypatch.setattr(reconcile_module, "RETRY_MAX_SECS", 0.004)
+    monkeypatch.setattr(registry_module, "RETRY_BASE_SECS", 0.001)
+    monkeypatch.setattr(registry_module, "RETRY_MAX_SECS", 0.004)
     monkeypatch.setattr(reconcile_module, "SETTLE_SECS", 0.001)
     chaos = Chaos(seed, tmp_path, library)
 
