@@ -26,7 +26,7 @@ import tracemalloc
 from pathlib import Path
 
 from benchmarks.fixtures import make_synthetic_adapters
-from entrypoint.adapters import AdapterScanner
+from entrypoint.adapters import AdapterScanner, RankLimit
 from entrypoint.demo import build_adapter, build_base_model
 from tests.e2e.server import Server
 from tests.e2e.server import slow_copy as write_slowly
@@ -117,8 +117,8 @@ def discovery(work: Path) -> list[dict]:
         source = work / f"scale-{count}"
         make_synthetic_adapters(source, count)
         floor = best_of(lambda s=source: floor_scan(s))
-        first = best_of(lambda s=source: AdapterScanner(s, max_rank=16).scan())
-        scanner = AdapterScanner(source, max_rank=16)
+        first = best_of(lambda s=source: AdapterScanner(s, limit=RankLimit(16)).scan())
+        scanner = AdapterScanner(source, limit=RankLimit(16))
         scanner.scan()
         steady = best_of(scanner.scan)
         cli = [str(Path(sys.executable).parent / "lora-entrypoint"), "check-adapters",

@@ -15,7 +15,7 @@ import re
 import stat
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,6 +53,45 @@ class AdapterFolder:
     @property
     def valid(self) -> bool:
         return self.problem is None and not self.pending
+
+
+@dataclass(frozen=True)
+class RankLimit:
+    """The largest adapter rank a server accepts, and where that number came from.
+
+    Computed once at start (`launch.rank_limit`) and used by every check: the start-up scan,
+    the watcher's scans and `check-adapters`. Its messages name NIM_MAX_LORA_RANK only when the
+    user set it.
+    """
+
+    value: int
+    derived: bool = False  # False: NIM_MAX_LORA_RANK set it
+    engine: str = ""  # the backend whose largest rank bounds a derived limit
+    engine_max: int = 0
+
+    def problem(self, rank: int) -> str | None:
+        """None when an adapter of `rank` is accepted; otherwise why not and what to do."""
+        if rank <= self.value:
+            return None
+        if not self.derived:
+            return (f"rank {rank} is above NIM_MAX_LORA_RANK={self.value}; raise "
+                    "NIM_MAX_LORA_RANK or use a smaller adapter")
+        if rank > self.engine_max:
+            return (f"rank {rank} is above the largest rank {self.engine} allows "
+                    f"({self.engine_max}); use an adapter of rank {self.engine_max} or less")
+        return (f"rank {rank} is above this server's rank limit {self.value}, derived at start "
+                "from the adapters present then; restart the server to serve it")
+
+    def apply(self, folder: AdapterFolder) -> AdapterFolder:
+        """`folder`, marked invalid when its rank is above the limit."""
+        problem = self.problem(folder.rank) if folder.valid and folder.rank else None
+        return folder if problem is None else replace(folder, problem=problem)
+
+    def describe(self) -> str:
+        if not self.derived:
+            return f"{self.value} (NIM_MAX_LORA_RANK)"
+        return (f"{self.value} (derived from the adapters found at start; {self.engine} "
+                f"allows up to {self.engine_max})")
 
 
 class _Listing(NamedTuple):
@@ -206,7 +245,7 @@ def _target_modules(value: object) -> tuple[str, ...] | None:
     return None
 
 
-def config_problem(config: dict, *, max_rank: int | None) -> str | None:
+def config_problem(config: dict, *, limit: RankLimit | None) -> str | None:
     """None when vLLM would accept this adapter_config.json; otherwise why not."""
     missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
     if missing:
@@ -215,11 +254,8 @@ def config_problem(config: dict, *, max_rank: int | None) -> str | None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         return (f"adapter_config.json has r={_shown(rank)}; the rank must be a positive whole "
                 "number")
-    if max_rank is not None and rank > max_rank:
-        return (
-            f"rank {rank} is above NIM_MAX_LORA_RANK={max_rank}; raise NIM_MAX_LORA_RANK or use "
-            "a smaller adapter"
-        )
+    if limit is not None and (problem := limit.problem(rank)) is not None:
+        return problem
     alpha = config["lora_alpha"]
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not alpha > 0:
         return (f"adapter_config.json has lora_alpha={_shown(alpha)}; it must be a number "
@@ -256,7 +292,7 @@ def display_name(name: str) -> str:
 def inspect_folder(
     path: Path,
     *,
-    max_rank: int | None = None,
+    limit: RankLimit | None = None,
     served_name: str | None = None,
     _listing: _Listing | None = None,
 ) -> AdapterFolder:
@@ -265,13 +301,13 @@ def inspect_folder(
     base: dict[str, Any] = {"name": display_name(path.name), "path": path,
             "fingerprint": listing.fingerprint, "size": listing.size}
     try:
-        return _inspect(path, listing, base, max_rank=max_rank, served_name=served_name)
+        return _inspect(path, listing, base, limit=limit, served_name=served_name)
     except Exception as exc:  # whatever the folder holds, the scan goes on
         return AdapterFolder(**base, problem=f"folder cannot be read ({type(exc).__name__}: "
                                              f"{_shown(str(exc))})")
 
 
-def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, max_rank: int | None,
+def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: RankLimit | None,
              served_name: str | None) -> AdapterFolder:
     name = path.name
     folder = str(path)
@@ -331,7 +367,7 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, max_rank: i
         "weights": weights,
         "config": config,
     }
-    problem = config_problem(config, max_rank=max_rank)
+    problem = config_problem(config, limit=limit)
     if problem is None and weights is None:
         return AdapterFolder(
             **described, pending=True, problem="incomplete: no adapter_model.safetensors yet"
@@ -347,10 +383,12 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, max_rank: i
 
 
 def scan_source(
-    source: Path, *, max_rank: int | None = None, served_name: str | None = None
+    source: Path, *, limit: RankLimit | None = None, served_name: str | None = None
 ) -> list[AdapterFolder]:
-    """Every adapter folder directly under `source` (hidden ones skipped), sorted by name."""
-    return AdapterScanner(source, max_rank=max_rank, served_name=served_name).scan()
+    """Every adapter folder directly under `source` (hidden ones skipped), sorted by name.
+
+    Without `limit` no rank is refused (the start-up scan, before the limit is known)."""
+    return AdapterScanner(source, limit=limit, served_name=served_name).scan()
 
 
 class AdapterScanner:
@@ -362,10 +400,10 @@ class AdapterScanner:
     """
 
     def __init__(
-        self, source: Path, *, max_rank: int | None = None, served_name: str | None = None
+        self, source: Path, *, limit: RankLimit | None = None, served_name: str | None = None
     ) -> None:
         self.source = source
-        self.max_rank = max_rank
+        self.limit = limit
         self.served_name = served_name
         self._known: dict[str, AdapterFolder] = {}
         #: why the last scan could not list the source (None: it could)
@@ -409,7 +447,7 @@ class AdapterScanner:
                         "adapter into the folder instead")
                     continue
             known[entry.name] = inspect_folder(
-                Path(entry.path), max_rank=self.max_rank, served_name=self.served_name,
+                Path(entry.path), limit=self.limit, served_name=self.served_name,
                 _listing=listing,
             )
         self._known = known

@@ -166,19 +166,24 @@ def check_adapters(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
-    """Validate adapter folders exactly as the watcher does; exit 1 if any is invalid."""
-    from .adapters import scan_source
-    from .backends import get_backend
+    """Validate adapter folders exactly as `serve` does; exit 1 if any is invalid.
+
+    The rank limit is the one `serve` would use with these folders: NIM_MAX_LORA_RANK, or
+    derived from them for the backend of the profile `serve` would choose.
+    """
+    from .launch import plan_backend
+    from .service import choose_profile, judge_adapters
 
     settings = _settings(need_model=False, peft_source=folder)
     if settings.peft_source is None:
         fail("no adapter folder: pass DIR or set NIM_PEFT_SOURCE")
         return
-    # Unset NIM_MAX_LORA_RANK: the server derives a rank covering the adapters, up to the most
-    # the backend allows.
-    max_rank = settings.max_lora_rank or get_backend("vllm").max_rank
-    adapters = scan_source(settings.peft_source, max_rank=max_rank,
-                           served_name=settings.served_model_name)
+    try:
+        backend = plan_backend(settings, choose_profile(settings, dry_run=True)[0])
+        adapters, limit = judge_adapters(settings, backend)
+    except ConfigError as exc:
+        fail(str(exc))
+        return
     if as_json:
         typer.echo(json.dumps([
             {"name": a.name, "valid": a.valid, "pending": a.pending, "rank": a.rank,
@@ -192,7 +197,8 @@ def check_adapters(
             detail = f"rank {a.rank}" if a.valid else a.problem
             typer.echo(f"{a.name}\t{status}\t{detail}")
         invalid = sum(not a.valid for a in adapters)
-        typer.echo(f"{len(adapters)} adapters, {invalid} not valid", err=True)
+        typer.echo(f"{len(adapters)} adapters, {invalid} not valid; rank limit "
+                   f"{limit.describe()}", err=True)
     raise typer.Exit(1 if any(not a.valid for a in adapters) else 0)
 
 

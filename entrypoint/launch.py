@@ -1,4 +1,5 @@
-"""Launch plan: a pure function from (settings, profile, adapters found at start) to argv + env.
+"""Launch plan: a pure function from (settings, profile, adapters found at start, rank limit)
+to argv + env; and the rank limit itself, computed once.
 
 Starts nothing and reads no files, so it is testable on its own and printable
 (`serve --dry-run`).
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import AdapterFolder
+from .adapters import AdapterFolder, RankLimit
 from .backends import Backend, StartSpec, get_backend
 from .profiles import Profile
 from .settings import ConfigError, Settings
@@ -29,7 +30,7 @@ class LaunchPlan:
     argv: list[str]
     env: dict[str, str]
     port: int
-    max_lora_rank: int
+    rank_limit: RankLimit
     static_adapters: tuple[AdapterFolder, ...] = field(default=())
     static_paths: tuple[tuple[str, Path], ...] = field(default=())  # name -> path it loads
     #: keys the backend requires (VLLM_API_KEY, --api-key): the public port requires them too
@@ -46,7 +47,8 @@ class LaunchPlan:
             "backend": self.backend.name,
             "argv": self.shown_argv,
             "env": self.env,
-            "max_lora_rank": self.max_lora_rank,
+            "max_lora_rank": self.rank_limit.value,
+            "rank_limit": self.rank_limit.describe(),
             "static_adapters": [a.name for a in self.static_adapters],
         }
 
@@ -67,29 +69,19 @@ def redact(argv: list[str]) -> list[str]:
     return shown
 
 
-def resolve_max_rank(settings: Settings, backend: Backend, adapters: list[AdapterFolder]) -> int:
-    """NIM_MAX_LORA_RANK, or the smallest rank the backend allows covering every adapter (>= 16)."""
+def rank_limit(settings: Settings, backend: Backend, adapters: list[AdapterFolder]) -> RankLimit:
+    """NIM_MAX_LORA_RANK, or the smallest rank the backend allows covering every valid adapter
+    found (at least 16; at most the backend's largest)."""
     if settings.max_lora_rank is not None:
-        return settings.max_lora_rank
-    ranks = [a.rank for a in adapters if a.rank is not None and a.problem is None]
+        return RankLimit(settings.max_lora_rank)
+    ranks = [a.rank for a in adapters if a.rank is not None and a.valid]
     wanted = max([MIN_DERIVED_RANK, *ranks])
-    return backend.rank_limit(wanted) or backend.max_rank
+    return RankLimit(backend.rank_limit(wanted) or backend.max_rank, derived=True,
+                     engine=backend.name, engine_max=backend.max_rank)
 
 
-def build_launch_plan(
-    settings: Settings,
-    profile: Profile,
-    adapters: list[AdapterFolder],
-    *,
-    port: int,
-    python: str = sys.executable,
-    load_paths: Mapping[str, Path] | None = None,
-) -> LaunchPlan:
-    """The backend's argv and env. Only valid adapters are ever passed at start.
-
-    `load_paths` maps static adapters to the snapshot they are served from (default: their
-    folders, as `serve --dry-run` shows them).
-    """
+def plan_backend(settings: Settings, profile: Profile) -> Backend:
+    """The profile's backend, after checking the settings it depends on. Raises `ConfigError`."""
     backend = get_backend(profile.backend)
     backend.check_settings(settings)
     if settings.peft_source is not None and not profile.lora:
@@ -97,14 +89,33 @@ def build_launch_plan(
             f"NIM_MODEL_PROFILE={profile.name} does not serve LoRA but NIM_PEFT_SOURCE is set; "
             "choose a profile whose name ends in feat_lora"
         )
-    max_rank = resolve_max_rank(settings, backend, adapters)
-    static = tuple(a for a in adapters if a.valid and (a.rank or 0) <= max_rank)
+    return backend
+
+
+def build_launch_plan(
+    settings: Settings,
+    profile: Profile,
+    adapters: list[AdapterFolder],
+    *,
+    limit: RankLimit,
+    port: int,
+    python: str = sys.executable,
+    load_paths: Mapping[str, Path] | None = None,
+) -> LaunchPlan:
+    """The backend's argv and env. Only valid adapters are ever passed at start (`adapters`
+    are already judged against `limit`).
+
+    `load_paths` maps static adapters to the snapshot they are served from (default: their
+    folders, as `serve --dry-run` shows them).
+    """
+    backend = plan_backend(settings, profile)
+    static = tuple(a for a in adapters if a.valid)
     spec = StartSpec(
         model=settings.model_name or "",
         served_name=settings.served_name,
         host=BACKEND_HOST,
         port=port,
-        max_lora_rank=max_rank,
+        max_lora_rank=limit.value,
         tp=settings.tensor_parallel_size or profile.tp,
         pp=settings.pipeline_parallel_size or profile.pp,
         static_adapters=() if settings.dynamic else tuple(
@@ -122,7 +133,7 @@ def build_launch_plan(
         argv=argv,
         env=env,
         port=port,
-        max_lora_rank=max_rank,
+        rank_limit=limit,
         static_adapters=() if settings.dynamic else static,
         static_paths=spec.static_adapters,
         api_keys=backend.api_keys(settings),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from .adapters import AdapterFolder, AdapterScanner
+from .adapters import AdapterFolder, AdapterScanner, RankLimit
 from .backends import Backend, Outcome, Reply
 from .metrics import Metrics
 from .registry import AdapterState, Registry, State, Traffic
@@ -50,7 +50,7 @@ class Reconciler:
         registry: Registry,
         source: Path,
         served_name: str,
-        max_rank: int | None,
+        rank_limit: RankLimit | None,
         snapshots: SnapshotStore | None = None,
         traffic: Traffic | None = None,
         metrics: Metrics | None = None,
@@ -60,7 +60,7 @@ class Reconciler:
         self.backend = backend
         self.client = client
         self.registry = registry
-        self.scanner = AdapterScanner(source, max_rank=max_rank, served_name=served_name)
+        self.scanner = AdapterScanner(source, limit=rank_limit, served_name=served_name)
         self.snapshots = snapshots
         self.traffic = traffic or Traffic()
         self.metrics = metrics

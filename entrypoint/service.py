@@ -11,20 +11,23 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import httpx
 import uvicorn
 
 from . import __version__
-from .adapters import AdapterFolder, scan_source
+from .adapters import AdapterFolder, RankLimit, scan_source
+from .backends import Backend
 from .gateway import GatewayState, build_app
 from .hardware import detect_gpus
-from .launch import LaunchPlan, build_launch_plan
+from .launch import LaunchPlan, build_launch_plan, plan_backend, rank_limit
 from .metrics import Metrics
-from .profiles import load_profiles, model_parameters, select_profile
+from .profiles import Profile, load_profiles, model_parameters, select_profile
 from .reconcile import Reconciler
 from .registry import AdapterRecord, Registry, State
 from .settings import ConfigError, Settings
@@ -46,19 +49,54 @@ HEALTH_PROBE_TIMEOUT_SECS = 10.0
 
 @dataclass(frozen=True)
 class Startup:
-    """Everything resolved before anything starts (what `serve --dry-run` prints)."""
+    """Everything resolved before anything starts (what `serve --dry-run` prints):
+    settings -> profile -> adapters found -> rank limit -> snapshots -> launch plan."""
 
     settings: Settings
     plan: LaunchPlan
-    adapters: list[AdapterFolder]
+    #: every folder found at start, judged against the rank limit
+    adapters: tuple[AdapterFolder, ...]
     #: static adapters that could not be served, and why (their snapshot failed)
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def rank_limit(self) -> RankLimit:
+        return self.plan.rank_limit
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def choose_profile(
+    settings: Settings, *, dry_run: bool = False
+) -> tuple[Profile, list[tuple[int, str]]]:
+    """The profile to serve with, and what to tell the operator about the choice (logged only
+    once the whole start-up resolved, so that an error is the only line a failed start prints).
+    Raises `ConfigError`."""
+    profiles = load_profiles(*([settings.profiles_path] if settings.profiles_path else []))
+    return select_profile(
+        profiles,
+        detect_gpus(),
+        wanted=settings.model_profile,
+        lora=settings.peft_source is not None,
+        params=model_parameters(settings.model_name),
+        allow_incompatible=dry_run,
+    )
+
+
+def judge_adapters(
+    settings: Settings, backend: Backend
+) -> tuple[tuple[AdapterFolder, ...], RankLimit]:
+    """The folders under NIM_PEFT_SOURCE now, and the rank limit they give (NIM_MAX_LORA_RANK,
+    or derived from them), each folder judged against it. `serve` and `check-adapters` both
+    use this, so they agree on every folder."""
+    found = [] if settings.peft_source is None else scan_source(
+        settings.peft_source, served_name=settings.served_name)
+    limit = rank_limit(settings, backend, found)
+    return tuple(limit.apply(folder) for folder in found), limit
 
 
 def resolve(
@@ -68,39 +106,20 @@ def resolve(
     snapshots: SnapshotStore | None = None,
     dry_run: bool = False,
 ) -> Startup:
-    """Settings -> profile -> adapters at start -> launch plan. Raises `ConfigError`.
+    """Settings -> profile -> adapters -> rank limit -> snapshots -> launch plan, each once.
+    Raises `ConfigError`.
 
     With `snapshots`, static adapters are served from snapshots taken now (a dry run takes none).
     """
-    profiles = load_profiles(*([settings.profiles_path] if settings.profiles_path else []))
-    profile, notes = select_profile(
-        profiles,
-        detect_gpus(),
-        wanted=settings.model_profile,
-        lora=settings.peft_source is not None,
-        params=model_parameters(settings.model_name),
-        allow_incompatible=dry_run,
-    )
-    adapters: list[AdapterFolder] = []
-    if settings.peft_source is not None:
-        adapters = scan_source(
-            settings.peft_source, max_rank=settings.max_lora_rank,
-            served_name=settings.served_name,
-        )
-    port = backend_port or free_port()
-    plan = build_launch_plan(settings, profile, adapters, port=port)
-    # The derived rank covers every adapter found, up to the most the backend allows; mark the
-    # few above that (no second scan).
-    limit = plan.max_lora_rank
-    adapters = [
-        replace(a, problem=f"rank {a.rank} is above the largest rank {profile.backend} allows "
-                f"({limit})") if a.problem is None and (a.rank or 0) > limit else a
-        for a in adapters
-    ]
+    profile, notes = choose_profile(settings, dry_run=dry_run)
+    backend = plan_backend(settings, profile)
+    adapters, limit = judge_adapters(settings, backend)
     skipped: dict[str, str] = {}
-    if snapshots is not None and plan.static_adapters:
-        paths = {}
-        for folder in plan.static_adapters:
+    paths: dict[str, Path] = {}
+    if snapshots is not None and not settings.dynamic:
+        for folder in adapters:
+            if not folder.valid:
+                continue
             try:
                 paths[folder.name] = snapshots.take(folder)
             except SnapshotChanged as exc:
@@ -108,12 +127,15 @@ def resolve(
                                         "to serve it")
             except SnapshotFailed as exc:
                 skipped[folder.name] = str(exc)
-        plan = build_launch_plan(settings, profile, [a for a in adapters if a.name in paths],
-                                 port=port, load_paths=paths)
+    served = [a for a in adapters if a.name not in skipped]
+    plan = build_launch_plan(settings, profile, served, limit=limit,
+                             port=backend_port or free_port(), load_paths=paths)
     for level, note in notes:
         log.log(level, note)
-    log.info("selected profile %s (%s): %s", profile.name, profile.id, profile.backend)
-    return Startup(settings=settings, plan=plan, adapters=adapters, skipped=skipped)
+    log.info("selected profile %s (%s): %s; rank limit %s", profile.name, profile.id,
+             profile.backend, limit.describe())
+    return Startup(settings=settings, plan=plan, adapters=adapters,
+                   skipped=MappingProxyType(skipped))
 
 
 def snapshot_store(settings: Settings) -> SnapshotStore:
@@ -224,7 +246,7 @@ class Service:
                 registry=self.registry,
                 source=source,
                 served_name=self.settings.served_name,
-                max_rank=self.plan.max_lora_rank,
+                rank_limit=self.plan.rank_limit,
                 snapshots=snapshots,
                 traffic=self.gateway.traffic,
                 metrics=self.metrics,
@@ -250,7 +272,7 @@ class Service:
             "backend": {"name": backend.name, "version": backend.version()},
             "lora": {"source": str(self.settings.peft_source or "") or None,
                      "dynamic": self.settings.dynamic,
-                     "max_lora_rank": self.plan.max_lora_rank},
+                     "max_lora_rank": self.plan.rank_limit.value},
         }
 
     def not_ready_because(self) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.adapters import inspect_folder, safetensors_problem, scan_source
+from entrypoint.adapters import RankLimit, inspect_folder, safetensors_problem, scan_source
 from tests.conftest import copy_adapter, edit_config
 
 
@@ -20,7 +20,7 @@ def source(tmp_path) -> Path:
 
 
 def test_valid_adapter_is_described(library, source):
-    folder = inspect_folder(copy_adapter(library / "alpha", source / "alpha"), max_rank=16)
+    folder = inspect_folder(copy_adapter(library / "alpha", source / "alpha"), limit=RankLimit(16))
     assert folder.valid and folder.problem is None
     assert folder.rank == 8 and set(folder.target_modules) == {"q_proj", "k_proj", "v_proj",
                                                                 "o_proj"}
@@ -32,7 +32,7 @@ def test_scan_lists_direct_subfolders_and_ignores_hidden(library, source):
     copy_adapter(library / "alpha", source / "alpha")
     copy_adapter(library / "beta", source / ".beta.tmp")
     (source / "notes.txt").write_text("not an adapter")
-    names = [f.name for f in scan_source(source, max_rank=16)]
+    names = [f.name for f in scan_source(source, limit=RankLimit(16))]
     assert names == ["alpha"]
 
 
@@ -89,7 +89,7 @@ def test_garbage_weights_are_invalid(tmp_path):
 def test_configs_the_backend_refuses_are_invalid(library, source, changes, reason):
     folder = copy_adapter(library / "alpha", source / "alpha")
     edit_config(folder, **changes)
-    found = inspect_folder(folder, max_rank=16)
+    found = inspect_folder(folder, limit=RankLimit(16))
     assert not found.pending and not found.valid
     assert reason in found.problem
 
@@ -119,7 +119,7 @@ def test_scanner_rereads_only_changed_folders(library, source, monkeypatch):
 
     for name in ("alpha", "beta"):
         copy_adapter(library / name, source / name)
-    scanner = adapters.AdapterScanner(source, max_rank=16)
+    scanner = adapters.AdapterScanner(source, limit=RankLimit(16))
     first = scanner.scan()
     reads = []
     original = adapters.inspect_folder
@@ -213,7 +213,7 @@ HOSTILE_CONFIGS = {
 @pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
 def test_hostile_configs_get_a_reason(library, source, case):
     text, reason = HOSTILE_CONFIGS[case]
-    found = inspect_folder(_with_config(library, source / case, text), max_rank=16)
+    found = inspect_folder(_with_config(library, source / case, text), limit=RankLimit(16))
     assert not found.valid and not found.pending
     assert reason in found.problem
 
@@ -222,7 +222,7 @@ def test_huge_config_is_refused_without_reading_it(library, source):
     folder = copy_adapter(library / "alpha", source / "huge")
     with (folder / "adapter_config.json").open("wb") as handle:
         handle.truncate(64 << 20)  # 64 MiB
-    found = inspect_folder(folder, max_rank=16)
+    found = inspect_folder(folder, limit=RankLimit(16))
     assert "adapter_config.json is 67108864 bytes" in found.problem
 
 
@@ -231,7 +231,7 @@ def test_a_fifo_where_a_file_belongs_never_blocks(library, source, file):
     folder = copy_adapter(library / "alpha", source / "fifo")
     (folder / file).unlink()
     os.mkfifo(folder / file)  # opening it for reading would block forever
-    found = _in_thread(lambda: inspect_folder(folder, max_rank=16))
+    found = _in_thread(lambda: inspect_folder(folder, limit=RankLimit(16)))
     assert f"{file} is not a regular file" in found.problem and not found.pending
 
 
@@ -244,7 +244,7 @@ def test_links_loops_and_folders_where_files_belong(library, source):
     (folderish / "adapter_config.json").mkdir()
     (source / "cycle").symlink_to(source / "cycle")  # a loop as an entry: not an adapter
     (source / "notes.txt").write_text("a file where a folder is expected: not an adapter")
-    found = {f.name: f for f in scan_source(source, max_rank=16)}
+    found = {f.name: f for f in scan_source(source, limit=RankLimit(16))}
     assert set(found) == {"loop", "folderish"}
     assert "adapter_model.safetensors is not a regular file" in found["loop"].problem
     assert "adapter_config.json is not a regular file" in found["folderish"].problem
@@ -255,7 +255,7 @@ def test_a_link_to_a_folder_outside_is_refused_one_inside_is_served(library, sou
     copy_adapter(library / "beta", source / ".store")
     (source / "escape").symlink_to(outside)
     (source / "inside").symlink_to(source / ".store")
-    found = {f.name: f for f in scan_source(source, max_rank=16)}
+    found = {f.name: f for f in scan_source(source, limit=RankLimit(16))}
     assert "outside NIM_PEFT_SOURCE" in found["escape"].problem and not found["escape"].valid
     assert found["inside"].valid
 
@@ -266,7 +266,7 @@ def test_a_name_that_is_not_utf8_is_refused_and_printable(library, source):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         with open(raw + b"/" + name.encode(), "wb") as handle:
             handle.write((library / "alpha" / name).read_bytes())
-    (found,) = scan_source(source, max_rank=16)
+    (found,) = scan_source(source, limit=RankLimit(16))
     assert "not a valid adapter name" in found.problem
     assert json.dumps({"name": found.name}, ensure_ascii=False).encode()  # can be shown
     assert found.name == "caf\\xe9"
@@ -275,7 +275,7 @@ def test_a_name_that_is_not_utf8_is_refused_and_printable(library, source):
 def test_a_very_deep_empty_tree_is_not_walked(source, deep_tree):
     deep_tree(source / "deep", 1500)
     started = time.monotonic()
-    (found,) = _in_thread(lambda: scan_source(source, max_rank=16))
+    (found,) = _in_thread(lambda: scan_source(source, limit=RankLimit(16)))
     assert time.monotonic() - started < 2
     assert "no adapter files directly in this folder" in found.problem
 
@@ -298,7 +298,7 @@ def test_everything_hostile_at_once_leaves_good_adapters_valid(library, source, 
     os.mkfifo(source / "pipe")
     deep_tree(source / "deep", 1500)
     copy_adapter(library / "alpha", source / "good")
-    found = {f.name: f for f in _in_thread(lambda: scan_source(source, max_rank=16))}
+    found = {f.name: f for f in _in_thread(lambda: scan_source(source, limit=RankLimit(16)))}
     assert found["good"].valid
     assert all(not f.valid for name, f in found.items() if name != "good")
 
@@ -309,7 +309,7 @@ def test_a_missing_source_is_a_problem_not_an_empty_folder(library, tmp_path):
     source = tmp_path / "mount"
     source.mkdir()
     copy_adapter(library / "alpha", source / "alpha")
-    scanner = AdapterScanner(source, max_rank=16)
+    scanner = AdapterScanner(source, limit=RankLimit(16))
     assert [f.name for f in scanner.scan()] == ["alpha"] and scanner.source_problem is None
     source.rename(tmp_path / "unmounted")
     assert [f.name for f in scanner.scan()] == ["alpha"]  # what it knew, not "nothing"
@@ -328,3 +328,19 @@ def _in_thread(work, timeout: float = 10.0):
         return pool.submit(work).result(timeout=timeout)
     finally:
         pool.shutdown(wait=False)
+
+
+def test_rank_messages_name_the_variable_only_when_the_user_set_it(library, source):
+    copy_adapter(library / "big", source / "big")  # rank 64
+    set_by_user = inspect_folder(source / "big", limit=RankLimit(16))
+    assert set_by_user.problem == ("rank 64 is above NIM_MAX_LORA_RANK=16; raise "
+                                   "NIM_MAX_LORA_RANK or use a smaller adapter")
+    derived = RankLimit(16, derived=True, engine="vllm", engine_max=512)
+    later = inspect_folder(source / "big", limit=derived)
+    assert later.problem is not None and "NIM_MAX_LORA_RANK" not in later.problem
+    assert later.problem.startswith("rank 64 is above this server's rank limit 16, derived at "
+                                    "start")
+    assert "restart" in later.problem
+    assert derived.problem(1024) == ("rank 1024 is above the largest rank vllm allows (512); "
+                                     "use an adapter of rank 512 or less")
+    assert derived.problem(16) is None and RankLimit(64).problem(64) is None

@@ -22,7 +22,7 @@ import pytest
 
 from entrypoint import reconcile as reconcile_module
 from entrypoint import registry as registry_module
-from entrypoint.adapters import inspect_folder
+from entrypoint.adapters import RankLimit, inspect_folder
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
 from entrypoint.reconcile import Reconciler
@@ -99,7 +99,8 @@ class Chaos:
         self.snapshots = SnapshotStore(tmp / "cache", grace=0.02)
         self.reconciler = Reconciler(
             backend=VLLMBackend(), client=httpx.AsyncClient(), registry=self.registry,
-            source=self.source, served_name="tiny", max_rank=16, snapshots=self.snapshots)
+            source=self.source, served_name="tiny", rank_limit=RankLimit(16),
+            snapshots=self.snapshots)
         self.backend = ChaosBackend(self.rng, self.reconciler.traffic)
         self.reconciler.backend = self.backend
         self.reconciler._wake = lambda: None  # the test decides when passes run
@@ -151,7 +152,7 @@ class Chaos:
             folder = self.source / name
             if not folder.is_dir():
                 continue  # removed; a pass may not have seen it before it came back
-            if inspect_folder(folder, max_rank=16).valid:
+            if inspect_folder(folder, limit=RankLimit(16)).valid:
                 self.history.setdefault(name, set()).add((folder / WEIGHTS).read_bytes())
 
     # ---- requests, as the gateway makes them ----
@@ -198,7 +199,7 @@ class Chaos:
                 self.violations.append(f"{name}: served from a deleted path")
                 continue
             content = (Path(served) / WEIGHTS).read_bytes() if served else None
-            found = inspect_folder(folder, max_rank=16) if folder.is_dir() else None
+            found = inspect_folder(folder, limit=RankLimit(16)) if folder.is_dir() else None
             ready = self.registry.ready(name) is not None
             if ready != (served is not None):
                 self.violations.append(f"{name}: registry ready={ready} but backend has "

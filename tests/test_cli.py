@@ -117,6 +117,36 @@ def test_check_adapters_uses_nim_peft_source(library, tmp_path):
     assert "big\tinvalid\trank 64 is above NIM_MAX_LORA_RANK=16" in result.stdout
 
 
+@pytest.mark.parametrize("max_rank", [None, "16"])
+def test_check_adapters_and_dry_run_judge_every_folder_alike(base_env, library, max_rank):
+    """Both use the limit `serve` would: derived from the folders (64 here), or the user's."""
+    from tests.conftest import copy_adapter
+
+    loras = Path(base_env["NIM_PEFT_SOURCE"])
+    copy_adapter(library / "alpha", loras / "alpha")
+    copy_adapter(library / "big", loras / "big")  # rank 64
+    env = {**base_env, **({"NIM_MAX_LORA_RANK": max_rank} if max_rank else {})}
+    result, _ = run(env, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    served = {a["name"]: (a["valid"], a["reason"]) for a in plan["adapters"]}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+    checked = subprocess.run([str(BIN), "check-adapters", "--json"], env={**clean, **env},
+                             capture_output=True, text=True, timeout=60)
+    judged = {a["name"]: (a["valid"], a["reason"]) for a in json.loads(checked.stdout)}
+    assert judged == served
+    if max_rank is None:
+        assert plan["max_lora_rank"] == 64 and judged["big"] == (True, None)
+        assert checked.returncode == 0
+        assert "rank limit 64 (derived from the adapters found at start" in subprocess.run(
+            [str(BIN), "check-adapters"], env={**clean, **env}, capture_output=True, text=True,
+            timeout=60).stderr
+    else:
+        assert plan["max_lora_rank"] == 16 and checked.returncode == 1
+        assert judged["big"] == (False, "rank 64 is above NIM_MAX_LORA_RANK=16; raise "
+                                        "NIM_MAX_LORA_RANK or use a smaller adapter")
+
+
 def run_tool(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
     return subprocess.run(args, env={**clean, **env}, capture_output=True, text=True, timeout=60)

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.adapters import scan_source
-from entrypoint.launch import build_launch_plan
+from entrypoint.launch import build_launch_plan, plan_backend
 from entrypoint.profiles import find_profile, load_profiles
+from entrypoint.service import judge_adapters
 from entrypoint.settings import ConfigError, load_settings
 from tests.conftest import copy_adapter, edit_config
 
@@ -30,9 +30,10 @@ def plan_for(monkeypatch, tiny_model, source, profile=CPU_LORA, **env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load_settings()
-    adapters = scan_source(source, max_rank=settings.max_lora_rank, served_name="tiny")
-    return build_launch_plan(settings, find_profile(load_profiles(), profile), adapters,
-                             port=9999, python="python")
+    chosen = find_profile(load_profiles(), profile)
+    adapters, limit = judge_adapters(settings, plan_backend(settings, chosen))
+    return build_launch_plan(settings, chosen, list(adapters), limit=limit, port=9999,
+                             python="python")
 
 
 def flag(argv, name):
@@ -71,7 +72,7 @@ def test_dynamic_plan_enables_runtime_updates(monkeypatch, tiny_model, source):
 def test_derived_rank_covers_the_adapters_present(monkeypatch, tiny_model, source, library):
     copy_adapter(library / "big", source / "big")
     plan = plan_for(monkeypatch, tiny_model, source)
-    assert plan.max_lora_rank == 64
+    assert plan.rank_limit.value == 64 and plan.rank_limit.derived
     assert flag(plan.argv, "--max-lora-rank") == "64"
 
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from entrypoint import reconcile as reconciler_module
+from entrypoint.adapters import RankLimit
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
 from entrypoint.reconcile import Reconciler
@@ -54,7 +55,7 @@ def setup(tmp_path, library):
     backend = ScriptedBackend()
     registry = Registry()
     reconciler = Reconciler(backend=backend, client=httpx.AsyncClient(), registry=registry,
-                            source=source, served_name="tiny", max_rank=16)
+                            source=source, served_name="tiny", rank_limit=RankLimit(16))
     return source, backend, registry, reconciler
 
 
