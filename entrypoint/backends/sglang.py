@@ -1,7 +1,7 @@
 """SGLang: its command line, its runtime LoRA endpoints and how to read their answers.
 
 Everything this project knows about SGLang's flags, routes, bodies and model-name forms is here
-(see shared/reference/sglang-lora.md). Starts nothing itself; the supervisor runs the argv.
+(see docs/sglang.md). Starts nothing itself; the supervisor runs the argv.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """vLLM: its command line, its runtime LoRA endpoints and how to read their answers.
 
 Everything this project knows about vLLM's flags, routes and error bodies is here
-(see shared/reference/vllm-lora.md). Starts nothing itself; the supervisor runs the argv.
+(see docs/vllm.md). Starts nothing itself; the supervisor runs the argv.
 """
 
 from __future__ import annotations
