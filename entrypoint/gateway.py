@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -38,6 +39,7 @@ SMALL_BODY_BYTES = 1 << 20  # answers up to this size with a known length are se
 # checked here; the backend gets the entrypoint's own (the upstream client adds them).
 REQUEST_DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
                 "accept-encoding", "authorization"}
+_REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)
 RESPONSE_DROP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 access_log = logging.getLogger("entrypoint.access")
 
@@ -66,12 +68,56 @@ def openai_error(status: int, message: str, kind: str, code: str | int | None = 
     return JSONResponse(body, status_code=status)
 
 
-def not_found(state: GatewayState, model: str, name: str) -> Response:
-    """A 404 whose message says why `model` cannot be used now."""
-    record = state.registry.get(name)
+# ---- routing a request body: pure decisions, no I/O ----
+
+class AdapterLookup(Protocol):
+    """The registry's read side that routing needs (`Registry` is one)."""
+
+    def get(self, name: str) -> AdapterRecord | None: ...
+
+    def ready(self, name: str) -> AdapterRecord | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where an accepted request goes: the base model (`adapter` "") or one served adapter."""
+
+    #: the client's `model` as sent (None when absent: the base model)
+    model: str | None
+    #: the adapter it names, "" for the base model
+    adapter: str
+    #: what to forward: the request's own bytes, re-encoded only when the name had to change
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request answered here with an OpenAI error; `model` and `adapter` are for logs/metrics."""
+
+    status: int
+    message: str
+    kind: str
+    code: str | int | None = None
+    #: the client's `model` as sent (any JSON value; None when absent or not parsed)
+    model: object = None
+    #: the adapter it named ("" when none)
+    adapter: str = ""
+
+    def response(self) -> Response:
+        return openai_error(self.status, self.message, self.kind, self.code)
+
+
+STARTING = Refusal(503, "The model is still starting.", "ServiceUnavailable")
+TOO_LARGE = Refusal(413, f"Request body over {MAX_BODY_BYTES >> 20} MiB.", "BadRequestError")
+
+
+def unknown_model(
+    model: str | None, name: str, record: AdapterRecord | None, *, static_mode: bool,
+) -> Refusal:
+    """The 404 for `model` (adapter `name`, whose record is `record`): it says why not now."""
     if record is None:
         message = f"The model '{model}' does not exist."
-        if state.static_mode:
+        if static_mode:
             message += " (static mode: adapters added after start need a restart)"
     elif record.state is State.PENDING:
         message = f"The adapter '{name}' is not ready yet: {record.reason}."
@@ -81,7 +127,42 @@ def not_found(state: GatewayState, model: str, name: str) -> Response:
         message = f"The adapter '{name}' failed to load: {record.reason}."
     else:
         message = f"The adapter '{name}' is being removed."
-    return openai_error(404, message, "NotFoundError", "model_not_found")
+    return Refusal(404, message, "NotFoundError", "model_not_found", model=model, adapter=name)
+
+
+def resolve(
+    raw: bytes, *, served_name: str, adapters: AdapterLookup, static_mode: bool,
+    request_model: Callable[[str, str], str],
+) -> Target | Refusal:
+    """Parse an inference request body and decide where it goes, or why it is refused.
+
+    `model` absent or `served_name` is the base model; `<adapter>` or `<served_name>:<adapter>`
+    is an adapter, accepted only while `adapters.ready` has it; `request_model(served_name,
+    adapter)` is the name the backend wants in the body. Reads `adapters`, changes nothing.
+    """
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return Refusal(400, "Request body is not valid JSON.", "BadRequestError")
+    if not isinstance(body, dict):
+        return Refusal(400, "Request body must be a JSON object.", "BadRequestError")
+    model = body.get("model")
+    if "lora_path" in body:
+        return Refusal(
+            400, "'lora_path' is not accepted: name the adapter in 'model' ('<adapter>' or "
+            f"'{served_name}:<adapter>').", "BadRequestError", model=model)
+    if model is None or model == served_name:
+        return Target(model, "", raw)
+    if not isinstance(model, str):
+        return Refusal(400, "'model' must be a string.", "BadRequestError", model=model)
+    name = model.removeprefix(served_name + ":")
+    if adapters.ready(name) is None:
+        return unknown_model(model, name, adapters.get(name), static_mode=static_mode)
+    wanted = request_model(served_name, name)
+    if wanted != model:  # re-encode only when the name must change
+        body["model"] = wanted
+        raw = json.dumps(body).encode()
+    return Target(model, name, raw)
 
 
 def describe(record: AdapterRecord) -> dict:
@@ -101,117 +182,53 @@ def describe(record: AdapterRecord) -> dict:
 
 
 def _forward_headers(request: Request) -> dict[str, str]:
-    return {k: v for k, v in request.headers.items() if k.lower() not in REQUEST_DROP}
+    """The client's headers less REQUEST_DROP: one pass, decoding only the kept ones."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers.raw
+            if k.lower() not in _REQUEST_DROP_RAW}
 
 
-async def read_body(request: Request) -> bytes | Response:
+async def read_body(request: Request) -> bytes | Refusal:
     """The request body, or a 413 as soon as it is known to be over the limit."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return openai_error(413, f"Request body over {MAX_BODY_BYTES >> 20} MiB.",
-                            "BadRequestError")
+        return TOO_LARGE
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            return openai_error(413, f"Request body over {MAX_BODY_BYTES >> 20} MiB.",
-                                "BadRequestError")
+            return TOO_LARGE
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _proxy(
-    state: GatewayState, request: Request, content: bytes | None,
-    done: Callable[[int], None] = lambda status: None,
-) -> Response:
-    """Forward to the backend and stream the answer back.
+# ---- the public application ----
 
-    `done(status)` runs once when it is over: after the last chunk, when the client goes away
-    (which closes the upstream connection, so the backend stops generating), or on an error.
-    """
-    finished = False
+class Gateway:
+    """The public routes over a `GatewayState`, one method each; `app` is the ASGI app."""
 
-    def finish(status: int) -> None:
-        nonlocal finished
-        if not finished:
-            finished = True
-            done(status)
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        routes = [
+            Route("/v1/health/live", self.live, methods=["GET"]),
+            Route("/v1/health/ready", self.ready, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/metadata", self.metadata, methods=["GET"]),
+            Route("/v1/metrics", self.metrics, methods=["GET"]),
+            Route("/v1/adapters", self.adapters, methods=["GET"]),
+            Route("/v1/adapters/{name}", self.adapter, methods=["GET"]),
+            Route("/v1/version", self.version, methods=["GET"]),
+            Route("/v1/completions", self.inference, methods=["POST"]),
+            Route("/v1/chat/completions", self.inference, methods=["POST"]),
+            Route("/{path:path}", self.unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+        ]
+        app: ASGIApp = Starlette(routes=routes)
+        self.app: ASGIApp = BearerAuth(app, state.api_keys) if state.api_keys else app
 
-    try:
-        response = await state.client.send(
-            request.method, request.url.path, headers=_forward_headers(request), body=content,
-            query=request.url.query,
-        )
-    except Timeout:
-        finish(504)
-        return openai_error(504, "The backend did not answer in time.", "GatewayTimeout")
-    except UpstreamError as exc:
-        finish(502)
-        return openai_error(502, f"The backend is not reachable ({type(exc).__name__}).",
-                            "BadGateway")
-    event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in RESPONSE_DROP}
-    length = response.content_length
-    if not event_stream and length is not None and length <= SMALL_BODY_BYTES:
-        # A whole small answer (a non-streamed completion) is already on its way: one send.
-        try:
-            content = await response.read()
-        except (UpstreamError, TimeoutError):
-            finish(502)
-            return openai_error(502, "The backend stopped answering mid-response.", "BadGateway")
-        finally:
-            response.release()
-        finish(response.status)
-        return Response(content, status_code=response.status, headers=headers)
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in response.content.iter_any():
-                yield chunk
-        except (UpstreamError, TimeoutError) as exc:  # the backend went away mid-answer
-            log.warning("backend stream broke off (%s)", type(exc).__name__)
-            if event_stream:
-                error = {"error": {"message": "The backend stopped answering mid-stream.",
-                                   "type": "BadGateway", "param": None, "code": 502}}
-                yield f"data: {json.dumps(error)}\n\n".encode()
-        finally:
-            response.close()
-            finish(response.status)
-
-    async def cleanup() -> None:
-        response.close()
-        finish(response.status)
-
-    return StreamingResponse(body(), status_code=response.status, headers=headers,
-                             background=BackgroundTask(cleanup))
-
-
-def record_request(
-    state: GatewayState, request: Request, *, model: str | None, adapter: str, status: int,
-    started: float,
-) -> None:
-    """Count one inference request and log it (a JSON object per line with NIM_JSONL_LOGGING)."""
-    if state.metrics is not None:
-        state.metrics.request(adapter, status)
-    if access_log.isEnabledFor(logging.INFO):
-        duration = (time.perf_counter() - started) * 1000
-        access_log.info(
-            "%s %s model=%s adapter=%s status=%d %.1f ms", request.method, request.url.path,
-            model, adapter or "-", status, duration,
-            extra={"fields": {"method": request.method, "path": request.url.path,
-                              "model": model, "adapter": adapter or None, "status": status,
-                              "duration_ms": round(duration, 2)}},
-        )
-
-
-def build_app(state: GatewayState) -> ASGIApp:
-    """The public ASGI application."""
-
-    async def live(request: Request) -> Response:
+    async def live(self, request: Request) -> Response:
         return JSONResponse({"object": "health.response", "message": "Service is live."})
 
-    async def ready(request: Request) -> Response:
-        reason = state.readiness()
+    async def ready(self, request: Request) -> Response:
+        reason = self.state.readiness()
         if reason is None:
             return JSONResponse({"object": "health.response", "message": "Service is ready."})
         return JSONResponse(
@@ -219,9 +236,10 @@ def build_app(state: GatewayState) -> ASGIApp:
             status_code=503,
         )
 
-    async def models(request: Request) -> Response:
+    async def models(self, request: Request) -> Response:
+        state = self.state
         if not state.backend_up:
-            return openai_error(503, "The model is still starting.", "ServiceUnavailable")
+            return STARTING.response()
         try:
             status, content = await state.client.get("/v1/models", timeout=30)
         except (UpstreamError, TimeoutError) as exc:
@@ -242,70 +260,49 @@ def build_app(state: GatewayState) -> ASGIApp:
                 served.append({**card, "root": root})
         return JSONResponse({"object": "list", "data": served})
 
-    async def inference(request: Request) -> Response:
+    async def inference(self, request: Request) -> Response:
+        """/v1/completions and /v1/chat/completions: route by `model`, then stream through."""
         started = time.perf_counter()
-        seen: dict = {"model": None, "adapter": "", "forwarded": False}
-        response = await route(request, seen, started)
-        if not seen["forwarded"]:  # a forwarded request is counted when its stream is over
-            record_request(state, request, model=seen["model"], adapter=seen["adapter"],
-                           status=response.status_code, started=started)
-        return response
-
-    async def route(request: Request, seen: dict, started: float) -> Response:
+        state = self.state
         if not state.backend_up:
-            return openai_error(503, "The model is still starting.", "ServiceUnavailable")
+            return self._refuse(request, STARTING, started)
         raw = await read_body(request)
-        if isinstance(raw, Response):
-            return raw
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return openai_error(400, "Request body is not valid JSON.", "BadRequestError")
-        if not isinstance(body, dict):
-            return openai_error(400, "Request body must be a JSON object.", "BadRequestError")
-        model = seen["model"] = body.get("model")
-        if "lora_path" in body:
-            return openai_error(
-                400, "'lora_path' is not accepted: name the adapter in 'model' ('<adapter>' or "
-                f"'{state.served_name}:<adapter>').", "BadRequestError")
-        name = ""
-        if model is not None and model != state.served_name:
-            if not isinstance(model, str):
-                return openai_error(400, "'model' must be a string.", "BadRequestError")
-            name = seen["adapter"] = model.removeprefix(state.served_name + ":")
-            if state.registry.ready(name) is None:
-                return not_found(state, model, name)
+        if isinstance(raw, Refusal):
+            return self._refuse(request, raw, started)
+        target = resolve(raw, served_name=state.served_name, adapters=state.registry,
+                         static_mode=state.static_mode, request_model=state.backend.request_model)
+        if isinstance(target, Refusal):
+            return self._refuse(request, target, started)
+        model, name = target.model, target.adapter
+        if name:
             await state.traffic.enter(name)  # waits while its weights are being swapped
             if state.registry.ready(name) is None:  # removed while we waited
                 state.traffic.leave(name)
-                return not_found(state, model, name)
-            wanted = state.backend.request_model(state.served_name, name)
-            if wanted != model:  # re-encode only when the name must change
-                body["model"] = wanted
-                raw = json.dumps(body).encode()
+                refusal = unknown_model(model, name, state.registry.get(name),
+                                        static_mode=state.static_mode)
+                return self._refuse(request, refusal, started)
 
-        def done(status: int) -> None:
+        def done(status: int) -> None:  # counted when its stream is over
             if name:
                 state.traffic.leave(name)
-            record_request(state, request, model=model, adapter=name, status=status,
-                           started=started)
+            self._record(request, model=model, adapter=name, status=status, started=started)
 
-        seen["forwarded"] = True
-        return await _proxy(state, request, raw, done=done)
+        return await self._forward(request, target.body, done)
 
-    async def adapters(request: Request) -> Response:
+    async def adapters(self, request: Request) -> Response:
         return JSONResponse({"object": "list",
-                             "data": [describe(r) for r in state.registry.records()]})
+                             "data": [describe(r) for r in self.state.registry.records()]})
 
-    async def adapter(request: Request) -> Response:
+    async def adapter(self, request: Request) -> Response:
         name = request.path_params["name"]
-        record = state.registry.get(name)
+        record = self.state.registry.get(name)
         if record is None:
             return openai_error(404, f"No adapter folder named '{name}' has been seen.",
                                 "NotFoundError", "adapter_not_found")
         return JSONResponse(describe(record))
 
-    async def metrics(request: Request) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        state = self.state
         own = state.metrics.render() if state.metrics is not None else b""
         backend = b""
         if state.backend_up:
@@ -317,30 +314,106 @@ def build_app(state: GatewayState) -> ASGIApp:
                 pass
         return Response(own + backend, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def metadata(request: Request) -> Response:
-        return JSONResponse(state.metadata)
+    async def metadata(self, request: Request) -> Response:
+        return JSONResponse(self.state.metadata)
 
-    async def version(request: Request) -> Response:
+    async def version(self, request: Request) -> Response:
         return JSONResponse({"release": __version__, "api": "1.0.0"})
 
-    async def unknown(request: Request) -> Response:
+    async def unknown(self, request: Request) -> Response:
         return openai_error(404, f"Route {request.url.path} not found.", "NotFoundError")
 
-    routes = [
-        Route("/v1/health/live", live, methods=["GET"]),
-        Route("/v1/health/ready", ready, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/metadata", metadata, methods=["GET"]),
-        Route("/v1/metrics", metrics, methods=["GET"]),
-        Route("/v1/adapters", adapters, methods=["GET"]),
-        Route("/v1/adapters/{name}", adapter, methods=["GET"]),
-        Route("/v1/version", version, methods=["GET"]),
-        Route("/v1/completions", inference, methods=["POST"]),
-        Route("/v1/chat/completions", inference, methods=["POST"]),
-        Route("/{path:path}", unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
-    ]
-    app = Starlette(routes=routes)
-    return BearerAuth(app, state.api_keys) if state.api_keys else app
+    def _refuse(self, request: Request, refusal: Refusal, started: float) -> Response:
+        response = refusal.response()
+        self._record(request, model=refusal.model, adapter=refusal.adapter,
+                     status=refusal.status, started=started)
+        return response
+
+    def _record(
+        self, request: Request, *, model: object, adapter: str, status: int, started: float,
+    ) -> None:
+        """Count one inference request and log it (one JSON object a line: NIM_JSONL_LOGGING)."""
+        if self.state.metrics is not None:
+            self.state.metrics.request(adapter, status)
+        if access_log.isEnabledFor(logging.INFO):
+            duration = (time.perf_counter() - started) * 1000
+            access_log.info(
+                "%s %s model=%s adapter=%s status=%d %.1f ms", request.method, request.url.path,
+                model, adapter or "-", status, duration,
+                extra={"fields": {"method": request.method, "path": request.url.path,
+                                  "model": model, "adapter": adapter or None, "status": status,
+                                  "duration_ms": round(duration, 2)}},
+            )
+
+    async def _forward(
+        self, request: Request, content: bytes, done: Callable[[int], None],
+    ) -> Response:
+        """Forward to the backend and stream the answer back.
+
+        `done(status)` runs once when it is over: after the last chunk, when the client goes away
+        (which closes the upstream connection, so the backend stops generating), or on an error.
+        """
+        finished = False
+
+        def finish(status: int) -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                done(status)
+
+        try:
+            response = await self.state.client.send(
+                request.method, request.url.path, headers=_forward_headers(request), body=content,
+                query=request.url.query,
+            )
+        except Timeout:
+            finish(504)
+            return openai_error(504, "The backend did not answer in time.", "GatewayTimeout")
+        except UpstreamError as exc:
+            finish(502)
+            return openai_error(502, f"The backend is not reachable ({type(exc).__name__}).",
+                                "BadGateway")
+        event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in RESPONSE_DROP}
+        length = response.content_length
+        if not event_stream and length is not None and length <= SMALL_BODY_BYTES:
+            # A whole small answer (a non-streamed completion) is already on its way: one send.
+            try:
+                whole = await response.read()
+            except (UpstreamError, TimeoutError):
+                finish(502)
+                return openai_error(502, "The backend stopped answering mid-response.",
+                                    "BadGateway")
+            finally:
+                response.release()
+            finish(response.status)
+            return Response(whole, status_code=response.status, headers=headers)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.content.iter_any():
+                    yield chunk
+            except (UpstreamError, TimeoutError) as exc:  # the backend went away mid-answer
+                log.warning("backend stream broke off (%s)", type(exc).__name__)
+                if event_stream:
+                    error = {"error": {"message": "The backend stopped answering mid-stream.",
+                                       "type": "BadGateway", "param": None, "code": 502}}
+                    yield f"data: {json.dumps(error)}\n\n".encode()
+            finally:
+                response.close()
+                finish(response.status)
+
+        async def cleanup() -> None:
+            response.close()
+            finish(response.status)
+
+        return StreamingResponse(body(), status_code=response.status, headers=headers,
+                                 background=BackgroundTask(cleanup))
+
+
+def build_app(state: GatewayState) -> ASGIApp:
+    """The public ASGI application."""
+    return Gateway(state).app
 
 
 def _model_cards(content: bytes) -> list[dict] | None:

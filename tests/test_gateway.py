@@ -13,8 +13,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from entrypoint.backends.sglang import SGLangBackend
 from entrypoint.backends.vllm import VLLMBackend
-from entrypoint.gateway import MAX_BODY_BYTES, GatewayState, build_app
+from entrypoint.gateway import (
+    MAX_BODY_BYTES,
+    GatewayState,
+    Refusal,
+    Target,
+    build_app,
+    resolve,
+)
 from entrypoint.logs import JSONLineFormatter
 from entrypoint.metrics import Metrics
 from entrypoint.registry import AdapterRecord, Registry, State
@@ -229,3 +237,148 @@ def test_api_key_guards_v1_but_not_health_and_the_backend_gets_ours(upstream):
     reply = call("/v1/completions", "k1", method="POST", json=body)
     assert reply.status_code == 200
     assert reply.json()["authorization_seen"] == "Bearer backend-key"  # ours, not the client's
+
+
+# ---- routing decisions: `resolve` alone, no app, no backend ----
+
+class Lookup:
+    """The registry's read side over fixed records (what `resolve` may see)."""
+
+    def __init__(self, *records: AdapterRecord) -> None:
+        self.records = {r.name: r for r in records}
+
+    def get(self, name):
+        return self.records.get(name)
+
+    def ready(self, name):
+        record = self.records.get(name)
+        return record if record is not None and record.servable else None
+
+
+ADAPTERS = Lookup(
+    AdapterRecord(name="alpha", state=State.READY, loaded_path=Path("/snap/alpha-1")),
+    AdapterRecord(name="swapping", state=State.LOADING, loaded_path=Path("/snap/swapping-1")),
+    AdapterRecord(name="copying", state=State.PENDING, reason="incomplete: still copying"),
+    AdapterRecord(name="first", state=State.LOADING),
+    AdapterRecord(name="big", state=State.FAILED, reason="rank 64 is above 16"),
+    AdapterRecord(name="going", state=State.REMOVING, reason="folder deleted"),
+)
+
+
+def decide(body, *, backend=None, static_mode=False, adapters=ADAPTERS):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return resolve(raw, served_name="tiny", adapters=adapters, static_mode=static_mode,
+                   request_model=(backend or VLLMBackend()).request_model)
+
+
+@pytest.mark.parametrize("model", [None, "tiny"])
+def test_resolve_sends_the_base_model_through_untouched(model):
+    raw = json.dumps({"model": model, "prompt": "hi"}).encode()
+    target = decide(raw)
+    assert target == Target(model=model, adapter="", body=raw) and target.body is raw
+    bare = b'{"prompt": "hi"}'
+    assert decide(bare) == Target(model=None, adapter="", body=bare)
+
+
+@pytest.mark.parametrize(("model", "adapter"), [("alpha", "alpha"), ("swapping", "swapping")])
+def test_resolve_sends_a_served_adapter_under_the_name_vllm_knows(model, adapter):
+    raw = json.dumps({"model": model, "prompt": "hi"}).encode()
+    target = decide(raw)
+    assert target == Target(model=model, adapter=adapter, body=raw) and target.body is raw
+
+
+def test_resolve_renames_only_when_the_backend_wants_another_name():
+    target = decide({"model": "tiny:alpha", "prompt": "hi", "max_tokens": 3})
+    assert isinstance(target, Target)
+    assert (target.model, target.adapter) == ("tiny:alpha", "alpha")
+    assert json.loads(target.body) == {"model": "alpha", "prompt": "hi", "max_tokens": 3}
+    sglang = SGLangBackend()
+    target = decide({"model": "alpha", "prompt": "hi"}, backend=sglang)
+    assert isinstance(target, Target) and target.adapter == "alpha"
+    assert json.loads(target.body) == {"model": "tiny:alpha", "prompt": "hi"}
+    raw = b'{"model": "tiny:alpha", "prompt": "hi"}'
+    assert decide(raw, backend=sglang) == Target(model="tiny:alpha", adapter="alpha", body=raw)
+
+
+@pytest.mark.parametrize(("model", "adapter", "message"), [
+    ("zeta", "zeta", "The model 'zeta' does not exist."),
+    ("tiny:zeta", "zeta", "The model 'tiny:zeta' does not exist."),
+    ("tiny:", "", "The model 'tiny:' does not exist."),
+    ("copying", "copying", "The adapter 'copying' is not ready yet: incomplete: still copying."),
+    ("first", "first", "The adapter 'first' is still loading; try again in a moment."),
+    ("tiny:big", "big", "The adapter 'big' failed to load: rank 64 is above 16."),
+    ("going", "going", "The adapter 'going' is being removed."),
+])
+def test_resolve_says_why_a_name_cannot_be_used_now(model, adapter, message):
+    assert decide({"model": model, "prompt": "hi"}) == Refusal(
+        404, message, "NotFoundError", "model_not_found", model=model, adapter=adapter)
+
+
+def test_resolve_in_static_mode_says_new_adapters_need_a_restart():
+    refusal = decide({"model": "zeta"}, static_mode=True)
+    assert isinstance(refusal, Refusal) and refusal.message == (
+        "The model 'zeta' does not exist. (static mode: adapters added after start need a "
+        "restart)")
+    failed = decide({"model": "big"}, static_mode=True)  # a known name says its own reason
+    assert isinstance(failed, Refusal) and "static mode" not in failed.message
+
+
+@pytest.mark.parametrize(("body", "message", "model"), [
+    (b"{not json", "Request body is not valid JSON.", None),
+    (b"\xff", "Request body is not valid JSON.", None),
+    (b"[1, 2]", "Request body must be a JSON object.", None),
+    (b'"tiny"', "Request body must be a JSON object.", None),
+    ({"model": 7}, "'model' must be a string.", 7),
+    ({"model": ["alpha"]}, "'model' must be a string.", ["alpha"]),
+    ({"model": "alpha", "lora_path": "/etc"}, "'lora_path' is not accepted: name the adapter in "
+     "'model' ('<adapter>' or 'tiny:<adapter>').", "alpha"),
+    ({"lora_path": "/etc"}, "'lora_path' is not accepted", None),
+])
+def test_resolve_refuses_bad_bodies_with_a_400(body, message, model):
+    refusal = decide(body)
+    assert isinstance(refusal, Refusal)
+    assert (refusal.status, refusal.kind, refusal.code) == (400, "BadRequestError", None)
+    assert refusal.message.startswith(message)
+    assert (refusal.model, refusal.adapter) == (model, "")
+
+
+def test_a_refusal_renders_as_an_openai_error():
+    refusal = decide({"model": "zeta"})
+    assert isinstance(refusal, Refusal)
+    response = refusal.response()
+    assert response.status_code == 404
+    assert json.loads(response.body) == {"error": {
+        "message": "The model 'zeta' does not exist.", "type": "NotFoundError", "param": None,
+        "code": "model_not_found"}}
+    bad = decide(b"[]")
+    assert isinstance(bad, Refusal) and json.loads(bad.response().body)["error"]["code"] == 400
+
+
+@pytest.mark.parametrize("removed", [False, True])
+def test_a_request_held_at_the_gate_is_served_or_refused_when_it_opens(upstream, removed):
+    state = make_state(upstream)
+
+    async def go() -> httpx.Response:
+        state.client = Upstream(upstream, read_timeout=5, connect_timeout=2)
+        try:
+            transport = httpx.ASGITransport(app=build_app(state))
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                async with state.traffic.exclusive("alpha", timeout=1):
+                    held = asyncio.create_task(client.post(
+                        "/v1/completions", json={"model": "alpha", "prompt": "hi"}))
+                    await asyncio.sleep(0.2)
+                    assert not held.done()  # waits while the weights are swapped
+                    if removed:
+                        state.registry = Registry()  # gone while the request waited
+                return await held
+        finally:
+            await state.client.close()
+
+    reply = asyncio.run(go())
+    if removed:
+        assert reply.status_code == 404
+        assert reply.json()["error"]["message"] == "The model 'alpha' does not exist."
+    else:
+        assert reply.status_code == 200 and reply.json()["model"] == "alpha"
+    assert state.traffic.running("alpha") == 0
+    assert 'lora_requests_total{adapter="alpha"} 1.0' in state.metrics.render().decode()
