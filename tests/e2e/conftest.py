@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.server import Server, descendants, free_port
+from tests.e2e.server import Own, Server, descendants, free_port
 
 __all__ = ["Server", "descendants", "free_port"]
 
@@ -23,3 +23,12 @@ def serve_factory(tmp_path_factory):
     for server in servers:
         if server.process.poll() is None:
             server.terminate()
+
+
+@pytest.fixture
+def own(request, library, source, server):
+    """This test's own adapters in the module's `source` (served by its `server`): named after
+    the test, removed after it, so the module's tests run alone or in any order."""
+    adapters = Own(request.node.name, source, library, server)
+    yield adapters
+    adapters.cleanup()

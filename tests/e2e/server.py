@@ -1,25 +1,84 @@
-"""A `lora-entrypoint serve` child process, configured by NIM_* variables, and its clients.
+"""A `lora-entrypoint serve` child process, configured by NIM_* variables, and its clients; the
+end-to-end tests' shared helpers (waiting, environments, adapter folders, processes).
 
 Used by the end-to-end tests and the benchmarks."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import openai
 
-from entrypoint.service import free_port
+from entrypoint.service import free_port  # the one free_port (tests import it from here)
+from tests.conftest import copy_adapter, install_fake_smi
 
 BIN = Path(sys.executable).parent / "lora-entrypoint"
 ROOT = Path(__file__).resolve().parents[2]
+FAKES = ROOT / "tests" / "fakes"
 READY_TIMEOUT = 240
+SGLANG_PROFILE = "sglang-bf16-tp1-pp1-feat_lora"
+T = TypeVar("T")
+
+
+def _shown(value: object, limit: int = 3000) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def wait_until(probe: Callable[[], T], ok: Callable[[T], object] = bool, *,
+               timeout: float = 30.0, what: str = "condition", stable: float = 0.0,
+               interval: float = 0.05, show: Callable[[T], object] = lambda answer: answer,
+               context: Callable[[], str] | None = None) -> float:
+    """Ask `probe()` until `ok(answer)` holds (and has held for `stable` seconds on end); the
+    seconds until it first held. Past `timeout`: an AssertionError with the last answer."""
+    start = time.monotonic()
+    since: float | None = None
+    while True:
+        answer = probe()
+        now = time.monotonic()
+        if ok(answer):
+            since = now if since is None else since
+            if now - since >= stable:
+                return since - start
+        else:
+            since = None
+        if now - start > timeout:
+            held = f" for {stable} s on end" if stable else ""
+            raise AssertionError(f"{what}: not reached{held} in {timeout} s; last answer: "
+                                 f"{_shown(show(answer))}" + (f"\n{context()}" if context else ""))
+        time.sleep(interval)
+
+
+def holds(probe: Callable[[], T], ok: Callable[[T], object] = bool, *, seconds: float,
+          what: str = "condition", interval: float = 0.1,
+          show: Callable[[T], object] = lambda answer: answer) -> None:
+    """Assert that `ok(probe())` holds at every look for `seconds` (a window in which nothing
+    may happen: there is no later state to wait for)."""
+    start = time.monotonic()
+    while True:
+        answer = probe()
+        took = time.monotonic() - start
+        assert ok(answer), f"{what}: broken after {took:.2f} s; answer: {_shown(show(answer))}"
+        if took >= seconds:
+            return
+        time.sleep(interval)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment `lora-entrypoint serve` starts in: this process's without its NIM_*
+    variables, offline, then `extra`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("NIM_")},
+            "HF_HUB_OFFLINE": "1", **extra}
 
 
 class Server:
@@ -30,14 +89,8 @@ class Server:
         self.port = free_port()
         self.log_path = log
         self.cache = log.parent / "cache"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("NIM_")},
-            "HF_HUB_OFFLINE": "1",
-            "NIM_SERVER_PORT": str(self.port),
-            "NIM_MAX_MODEL_LEN": "512",
-            "NIM_CACHE_PATH": str(self.cache),
-            **env,
-        }
+        self.env = clean_env(**{"NIM_SERVER_PORT": str(self.port), "NIM_MAX_MODEL_LEN": "512",
+                                "NIM_CACHE_PATH": str(self.cache), **env})
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=60)
         self.openai = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
@@ -54,24 +107,52 @@ class Server:
         )
         return self
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"serve exited early:\n{self.logs()[-3000:]}"
+        """Wait until `/v1/health/ready` answers 200 (the one wait-until-up)."""
+
+        def ready() -> int | str:
+            assert self.running, f"serve exited early:\n{self.logs()[-3000:]}"
             try:
-                if self.http.get("/v1/health/ready").status_code == 200:
-                    self.ready_after = time.monotonic() - self.started_at
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise AssertionError(f"not ready after {timeout} s:\n{self.logs()[-3000:]}")
+                return self.http.get("/v1/health/ready").status_code
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+        wait_until(ready, lambda status: status == 200, timeout=timeout, interval=0.25,
+                   what="/v1/health/ready answering 200", context=self._tail)
+        self.ready_after = time.monotonic() - self.started_at
+        return self
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def _tail(self) -> str:
+        return self.logs()[-3000:]
+
     def models(self) -> list[str]:
         return [m.id for m in self.openai.models.list().data]
+
+    def adapters(self, headers: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """`GET /v1/adapters`: each adapter's record (state, ready, reason, version, ...)."""
+        reply = self.http.get("/v1/adapters", headers=headers)
+        reply.raise_for_status()
+        return {a["name"]: a for a in reply.json()["data"]}
+
+    def backend_port(self) -> int:
+        """The port the backend was started on (from its command line in the log)."""
+        found = re.search(r"--port (\d+)", self.logs())
+        assert found, f"no backend --port in the log:\n{self._tail()}"
+        return int(found.group(1))
+
+    def metric(self, name: str) -> float:
+        """The first sample of `name` in `/v1/metrics` (vLLM's own are appended there)."""
+        for line in self.http.get("/v1/metrics").text.splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no {name} in /v1/metrics")
 
     def snapshots(self) -> list[str]:
         """Names of the snapshot folders this server keeps."""
@@ -91,13 +172,45 @@ class Server:
             return str(exc)
         return None
 
-    def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if predicate():
-                return time.monotonic() - start
-            time.sleep(0.05)
-        raise AssertionError(f"{what} not reached in {timeout} s:\n{self.logs()[-3000:]}")
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 30.0,
+                 what: str = "condition", stable: float = 0.0) -> float:
+        """Poll `predicate()` until it is true; the seconds that took."""
+        return wait_until(predicate, timeout=timeout, what=what, stable=stable,
+                          context=self._tail)
+
+    def wait_adapters(self, ok: Callable[[dict[str, dict[str, Any]]], object], *,
+                      timeout: float = 30.0, what: str = "adapter states",
+                      stable: float = 0.0, headers: dict[str, str] | None = None,
+                      only: Iterable[str] | None = None) -> float:
+        """Poll `GET /v1/adapters` until `ok(adapters)` holds; the seconds that took. On the
+        deadline the last listing is shown (only the records of `only`, when given)."""
+        names = None if only is None else list(only)
+
+        def show(listing: dict[str, dict[str, Any]]) -> object:
+            return listing if names is None else {n: listing.get(n) for n in names}
+
+        return wait_until(lambda: self.adapters(headers), ok, timeout=timeout, what=what,
+                          stable=stable, show=show, context=self._tail)
+
+    def wait_served(self, name: str, timeout: float = 30.0,
+                    headers: dict[str, str] | None = None) -> float:
+        """Wait until `/v1/adapters` shows `name` ready with the version of its current files."""
+
+        def served(listing: dict[str, dict[str, Any]]) -> bool:
+            record = listing.get(name)
+            return bool(record and record["ready"] and record["state"] == "ready"
+                        and record["served_version"] == record["version"])
+
+        return self.wait_adapters(served, timeout=timeout, what=f"{name} served",
+                                  headers=headers, only=[name])
+
+    def wait_unlisted(self, names: Iterable[str], timeout: float = 30.0,
+                      stable: float = 0.0) -> float:
+        """Wait until `/v1/adapters` lists none of `names`."""
+        names = list(names)
+        return self.wait_adapters(lambda listing: not set(names) & listing.keys(),
+                                  timeout=timeout, stable=stable, only=names,
+                                  what=f"{', '.join(names)} no longer listed")
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
@@ -119,10 +232,84 @@ class Server:
         self.http.close()
 
 
+class Reusable:
+    """A module's server, started on first use and again for the next test once a test has
+    stopped it (SIGTERM, a killed backend), so such a test may run in any place."""
+
+    def __init__(self, start: Callable[[], Server]) -> None:
+        self.start = start
+        self.current: Server | None = None
+
+    def get(self) -> Server:
+        if self.current is None or not self.current.running:
+            self.current = self.start()
+        return self.current
+
+
+def own_name(test: str, suffix: str = "") -> str:
+    """An adapter name of a test's own, from its name: test_foo_bar[x-y], "b" -> foo_bar-x-y-b."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", test.removeprefix("test_")).strip("-")
+    return f"{base}-{suffix}" if suffix else base
+
+
+class Own:
+    """One test's adapters in its module's shared source folder: named after the test, so that
+    no other test adds, changes or removes them, and removed after it (`cleanup`)."""
+
+    def __init__(self, test: str, source: Path, library: Path, server: Server | None) -> None:
+        self.test, self.source, self.library, self.server = test, source, library, server
+        self.names: list[str] = []
+
+    def name(self, suffix: str = "") -> str:
+        name = own_name(self.test, suffix)
+        if name not in self.names:
+            self.names.append(name)
+        return name
+
+    def path(self, suffix: str = "") -> Path:
+        return self.source / self.name(suffix)
+
+    def add(self, origin: str, suffix: str = "") -> str:
+        """Copy the library's `origin` into place atomically as this test's adapter."""
+        copy_adapter(self.library / origin, self.path(suffix))
+        return self.name(suffix)
+
+    def cleanup(self) -> None:
+        """Remove this test's folders; wait until a running server no longer lists them."""
+        for name in self.names:
+            for folder in (self.source / name, *self.source.glob(f".{name}.*")):
+                if folder.is_dir() and not folder.is_symlink():
+                    shutil.rmtree(folder)
+                elif folder.exists() or folder.is_symlink():
+                    folder.unlink()
+        if self.names and self.server is not None and self.server.running:
+            self.server.wait_unlisted(self.names, timeout=60)
+
+
+def make_source(root: Path, library: Path, adapters: dict[str, str] | None = None) -> Path:
+    """`root/loras` holding a copy of the library's adapter `origin` as each `name: origin`."""
+    source = root / "loras"
+    source.mkdir()
+    for name, origin in (adapters or {}).items():
+        copy_adapter(library / origin, source / name)
+    return source
+
+
 def tiny_env(model: Path, source: Path, **extra: str) -> dict[str, str]:
     """The NIM_* variables of a server of the tiny test model named `tiny` over `source`."""
     return {"NIM_MODEL_NAME": str(model), "NIM_SERVED_MODEL_NAME": "tiny",
             "NIM_PEFT_SOURCE": str(source), **extra}
+
+
+def sglang_env(tmp: Path, model: Path, source: Path, **extra: str) -> dict[str, str]:
+    """`tiny_env` on SGLang's test double, on a machine whose nvidia-smi reports one H100."""
+    smi = install_fake_smi(tmp / "bin", ["NVIDIA H100 80GB HBM3, 81559, 9.0"])
+    return {
+        "PATH": f"{smi}:{os.environ['PATH']}",
+        "PYTHONPATH": str(FAKES),  # `python -m sglang.launch_server` is the double
+        "SGLANG_FAKE_LOG": str(tmp / "sglang-requests.jsonl"),
+        **tiny_env(model, source, NIM_MODEL_PROFILE=SGLANG_PROFILE, **extra),
+    }
 
 
 def processes() -> dict[int, tuple[int, str]]:
@@ -161,6 +348,28 @@ def descendants(pid: int) -> list[int]:
                 found.append(child)
                 break
     return found
+
+
+def find_backend(parent: int) -> int:
+    """The pid of the vLLM API server started by the entrypoint `parent`."""
+    for pid in children_of(parent):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in cmdline:
+            return pid
+    raise AssertionError("no vLLM child process found")
+
+
+def wait_gone(pids: Iterable[int], *, reaped: bool = False, timeout: float = 5.0) -> None:
+    """Wait until none of `pids` runs (with `reaped`: is not even a zombie)."""
+    pids = list(pids)
+
+    def left() -> list[int]:
+        return [p for p in pids if (Path(f"/proc/{p}").exists() if reaped else alive(p))]
+
+    wait_until(left, lambda still: not still, timeout=timeout, what="processes left behind")
 
 
 def slow_copy(src: Path, dst: Path, *, seconds: float, chunks: int = 12) -> None:

@@ -8,16 +8,16 @@ import openai
 import pytest
 
 from tests.conftest import copy_adapter
-from tests.e2e.server import tiny_env
-from tests.e2e.test_sglang import sglang_env
+from tests.e2e.server import make_source, sglang_env, tiny_env
 
 pytestmark = pytest.mark.e2e
 KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def check_protected(server, adapter: str) -> None:
     """What a user of the key and a user without it see."""
-    server.wait_for(lambda: adapter in _ready_adapters(server), what=f"{adapter} loaded")
+    server.wait_served(adapter, headers=AUTH)
     keyed = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     assert {m.id for m in keyed.models.list().data} >= {"tiny", adapter}
     answer = keyed.completions.create(model=adapter, prompt="Hi", max_tokens=4, temperature=0)
@@ -34,21 +34,14 @@ def check_protected(server, adapter: str) -> None:
     assert "401" not in _entrypoint_lines(server)
 
 
-def _ready_adapters(server) -> set[str]:
-    reply = server.http.get("/v1/adapters", headers={"Authorization": f"Bearer {KEY}"})
-    return {a["name"] for a in reply.json()["data"] if a["ready"]}
-
-
 def _entrypoint_lines(server) -> str:
     return "\n".join(line for line in server.logs().splitlines() if " entrypoint" in line)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory, library):
-    folder = tmp_path_factory.mktemp("key") / "loras"
-    folder.mkdir()
-    copy_adapter(library / "alpha", folder / "key-a")
-    return folder
+@pytest.fixture
+def source(tmp_path, library):
+    """Each test's own folder (and server): no adapter name is shared between the tests."""
+    return make_source(tmp_path, library, {"key-a": "alpha"})
 
 
 def test_vllm_api_key_protects_the_port_and_adapters_load(serve_factory, tiny_model, source,
@@ -69,6 +62,6 @@ def test_sglang_api_key_flag_protects_the_port(serve_factory, tmp_path, tiny_mod
     check_protected(server, "key-a")
     assert "--api-key ***" in server.logs() and KEY not in server.logs()
     # the backend itself wants the key: the entrypoint's own calls carry it
-    port = server.logs().split("--port ", 1)[1].split()[0]
+    port = server.backend_port()
     assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
     server.terminate()

@@ -3,14 +3,11 @@ container), it adopts and reaps orphaned descendants and forwards SIGTERM to the
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_adapter
-from tests.e2e.server import children_of
-from tests.e2e.test_sglang import sglang_env
+from tests.e2e.server import children_of, make_source, sglang_env, wait_gone
 
 pytestmark = pytest.mark.e2e
 
@@ -18,9 +15,7 @@ pytestmark = pytest.mark.e2e
 def test_orphans_are_adopted_and_reaped_and_sigterm_is_forwarded(
     serve_factory, tmp_path, tiny_model, library
 ):
-    source = tmp_path / "loras"
-    source.mkdir()
-    copy_adapter(library / "alpha", source / "alpha")
+    source = make_source(tmp_path, library, {"alpha": "alpha"})
     env = sglang_env(tmp_path, tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="30",
                      SGLANG_FAKE_ORPHAN_SECS="2")
     server = serve_factory(env, name="pid1").wait_ready(timeout=60)
@@ -36,5 +31,4 @@ def test_orphans_are_adopted_and_reaped_and_sigterm_is_forwarded(
     backend = [p for p in children_of(pid)]
     assert server.terminate(timeout=30) == 0
     assert "[fake sglang] graceful shutdown" in server.logs()  # SIGTERM reached the backend
-    time.sleep(0.3)
-    assert not [p for p in backend if Path(f"/proc/{p}").exists()]
+    wait_gone(backend, reaped=True)  # not even a zombie is left

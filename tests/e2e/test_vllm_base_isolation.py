@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import copy_adapter
-from tests.e2e.server import tiny_env
+from tests.e2e.server import make_source, tiny_env
 
 pytestmark = pytest.mark.e2e
 PROMPTS = ["Hello world", "The quick brown fox", "Once upon a time", "Write a poem about"]
@@ -21,10 +20,8 @@ ADAPTERS = ("iso-a", "iso-b", "iso-c")
 
 @pytest.fixture(scope="module")
 def server(serve_factory, tiny_model, library, tmp_path_factory):
-    source = tmp_path_factory.mktemp("isolation") / "loras"
-    source.mkdir()
-    for name, origin in zip(ADAPTERS, ("alpha", "beta", "gamma"), strict=True):
-        copy_adapter(library / origin, source / name)
+    source = make_source(tmp_path_factory.mktemp("isolation"), library,
+                         dict(zip(ADAPTERS, ("alpha", "beta", "gamma"), strict=True)))
     return serve_factory(
         tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="60", NIM_MAX_GPU_LORAS="2",
                  NIM_MAX_CPU_LORAS="4", NIM_MAX_LORA_RANK="16"),

@@ -25,9 +25,9 @@ import httpx
 import openai
 import pytest
 
+from entrypoint.adapters import inspect_folder
 from tests.chaos_ops import CONFIG, FOLDER_CHANGES, WEIGHTS, change_folder
-from tests.conftest import copy_adapter
-from tests.e2e.server import free_port, tiny_env
+from tests.e2e.server import free_port, make_source, tiny_env
 
 pytestmark = pytest.mark.e2e
 NAMES = ("chaos-1", "chaos-2", "chaos-3", "chaos-4")
@@ -38,11 +38,9 @@ LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, library, serve_factory, tiny_model):
-    root = tmp_path_factory.mktemp("chaos")
-    source = root / "loras"
-    source.mkdir()
-    for variant in VARIANTS:  # untouched: what each version answers when loaded fresh
-        copy_adapter(library / variant, source / f"ref-{variant}")
+    # untouched: what each version answers when loaded fresh
+    source = make_source(tmp_path_factory.mktemp("chaos"), library,
+                         {f"ref-{variant}": variant for variant in VARIANTS})
     shim_port = free_port()
     server = serve_factory(
         tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="5", NIM_MAX_LORA_RANK="16",
@@ -121,7 +119,7 @@ def test_chaos_on_the_real_vllm(setup):
     faults: Counter[str] = Counter()
     checks, violations = 0, []
     had: dict[str, set[bytes]] = {}  # weights each name had while valid
-    vllm_port = server.logs().split("--port ", 1)[1].split()[0]
+    vllm_port = server.backend_port()
 
     def valid_weights(name: str) -> bytes | None:
         folder = source / name
@@ -167,15 +165,15 @@ def test_chaos_on_the_real_vllm(setup):
             had.setdefault(name, set()).add(valid_weights(name))
         time.sleep(rng.random() * 0.3)
 
-    def adapters() -> dict[str, dict]:
-        return {a["name"]: a for a in server.http.get("/v1/adapters").json()["data"]}
-
     def settled() -> bool:
-        listed = adapters()
+        listed = server.adapters()
         served = set(server.models())  # what vLLM itself lists (and we route to)
         for name in NAMES:
             record = listed.get(name, {})
             state = record.get("state")
+            folder = source / name
+            if folder.is_dir() and record.get("version") != inspect_folder(folder).fingerprint:
+                return False  # the service has not seen the folder's last change yet
             wanted = valid_weights(name)
             if state in ("loading", "removing") or (wanted is not None and state != "ready"):
                 return False
@@ -193,7 +191,6 @@ def test_chaos_on_the_real_vllm(setup):
         checks += 1
         clients.pause()
         try:
-            time.sleep(0.5)  # let the last change's events arrive
             server.wait_for(settled, timeout=90, what="a quiet adapter folder")
             for name in NAMES:
                 wanted = valid_weights(name)

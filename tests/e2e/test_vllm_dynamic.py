@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import copy_adapter, edit_config
-from tests.e2e.server import alive, descendants, tiny_env
+from tests.conftest import edit_config
+from tests.e2e.server import Reusable, descendants, make_source, tiny_env, wait_gone
 
 pytestmark = pytest.mark.e2e
 TIMES: dict[str, float] = {}
@@ -19,22 +19,29 @@ TIMES: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, library):
-    folder = tmp_path_factory.mktemp("dynamic") / "loras"
-    folder.mkdir()
-    copy_adapter(library / "alpha", folder / "alpha")
-    edit_config(copy_adapter(library / "gamma", folder / "dora"), use_dora=True)
-    copy_adapter(library / "big", folder / "big")  # rank 64 > NIM_MAX_LORA_RANK=16
+    # big: rank 64 > NIM_MAX_LORA_RANK=16
+    folder = make_source(tmp_path_factory.mktemp("dynamic"), library,
+                         {"alpha": "alpha", "dora": "gamma", "big": "big"})
+    edit_config(folder / "dora", use_dora=True)
     return folder
 
 
 @pytest.fixture(scope="module")
-def server(serve_factory, tiny_model, source):
-    server = serve_factory(
-        tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="1", NIM_MAX_LORA_RANK="16"),
-        name="dynamic",
-    ).wait_ready()
-    TIMES["ready"] = server.ready_after
-    return server
+def servers(serve_factory, tiny_model, source):
+    def start():
+        server = serve_factory(
+            tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="1", NIM_MAX_LORA_RANK="16"),
+            name="dynamic",
+        ).wait_ready()
+        TIMES["ready"] = server.ready_after
+        return server
+
+    return Reusable(start)
+
+
+@pytest.fixture
+def server(servers):
+    return servers.get()
 
 
 def test_adapters_present_at_start_are_served(server):
@@ -52,44 +59,46 @@ def test_invalid_adapters_are_skipped_with_a_reason(server):
     assert server.complete("alpha")  # the others are unaffected
 
 
-def test_copied_in_adapter_is_served_and_answers_differently(server, source, library):
+def test_copied_in_adapter_is_served_and_answers_differently(server, own):
     base, alpha = server.complete("tiny"), server.complete("alpha")
-    copy_adapter(library / "beta", source / "beta")
-    TIMES["copy_in_to_served"] = server.wait_for(lambda: "beta" in server.models(),
-                                                 what="beta served")
-    beta = server.complete("beta")
+    name = own.add("beta")
+    TIMES["copy_in_to_served"] = server.wait_for(lambda: name in server.models(),
+                                                 what=f"{name} served")
+    beta = server.complete(name)
     assert beta not in (base, alpha)
-    assert server.complete("tiny:beta") == beta  # <served-model>:<adapter> also works
+    assert server.complete(f"tiny:{name}") == beta  # <served-model>:<adapter> also works
 
 
-def test_removed_adapter_disappears_and_gets_404(server, source):
-    shutil.rmtree(source / "beta")
+def test_removed_adapter_disappears_and_gets_404(server, own):
+    name = own.add("beta")
+    server.wait_for(lambda: name in server.models(), what=f"{name} served")
+    shutil.rmtree(own.path())
     start = time.monotonic()
 
     def gone() -> bool:
         try:
-            server.complete("beta", tokens=1)
+            server.complete(name, tokens=1)
         except openai.NotFoundError:
             return True
         return False
 
-    server.wait_for(gone, what="beta 404")
+    server.wait_for(gone, what=f"{name} 404")
     TIMES["removal_to_404"] = time.monotonic() - start
-    assert "beta" not in server.models()
-    with pytest.raises(openai.NotFoundError, match="The model 'beta' does not exist"):
-        server.complete("beta")
+    assert name not in server.models()
+    with pytest.raises(openai.NotFoundError, match=f"The model '{name}' does not exist"):
+        server.complete(name)
 
 
-def test_copied_back_answers_as_before(server, source, library):
+def test_copied_back_answers_as_before(server, own):
     before = server.complete("alpha")
-    copy_adapter(library / "beta", source / "beta")
-    server.wait_for(lambda: "beta" in server.models(), what="beta back")
-    again = server.complete("beta")
-    shutil.rmtree(source / "beta")
-    server.wait_for(lambda: "beta" not in server.models(), what="beta removed")
-    copy_adapter(library / "beta", source / "beta")
-    server.wait_for(lambda: "beta" in server.models(), what="beta back again")
-    assert server.complete("beta") == again
+    name = own.add("beta")
+    server.wait_for(lambda: name in server.models(), what=f"{name} back")
+    again = server.complete(name)
+    shutil.rmtree(own.path())
+    server.wait_for(lambda: name not in server.models(), what=f"{name} removed")
+    own.add("beta")
+    server.wait_for(lambda: name in server.models(), what=f"{name} back again")
+    assert server.complete(name) == again
     assert server.complete("alpha") == before
 
 
@@ -105,15 +114,19 @@ def test_chat_and_streaming_through_the_public_port(server):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
 
 
-def test_adapter_unloaded_behind_our_back_is_loaded_again(server):
-    port = re.search(r"--port (\d+)", server.logs()).group(1)
-    answer = server.complete("alpha")
-    reply = httpx.post(f"http://127.0.0.1:{port}/v1/unload_lora_adapter",
-                       json={"lora_name": "alpha"})
+def test_adapter_unloaded_behind_our_back_is_loaded_again(server, own):
+    backend = f"http://127.0.0.1:{server.backend_port()}"
+    name = own.add("alpha")
+    server.wait_served(name)
+    answer = server.complete(name)
+    reply = httpx.post(f"{backend}/v1/unload_lora_adapter", json={"lora_name": name})
     assert reply.status_code == 200
-    server.wait_for(lambda: "alpha" in httpx.get(f"http://127.0.0.1:{port}/v1/models").text,
-                    what="alpha reloaded")
-    assert server.complete("alpha") == answer
+
+    def in_vllm() -> set[str]:
+        return {m["id"] for m in httpx.get(f"{backend}/v1/models").json()["data"]}
+
+    server.wait_for(lambda: name in in_vllm(), what=f"{name} reloaded")
+    assert server.complete(name) == answer
 
 
 def test_metadata_reports_profile_and_backend(server):
@@ -128,7 +141,7 @@ def test_metadata_reports_profile_and_backend(server):
 
 
 def test_adapters_endpoint_tells_the_truth(server):
-    listed = {a["name"]: a for a in server.http.get("/v1/adapters").json()["data"]}
+    listed = server.adapters()
     assert listed["alpha"]["state"] == "ready" and listed["alpha"]["ready"] is True
     assert listed["alpha"]["rank"] == 8 and listed["alpha"]["source"].endswith("/loras/alpha")
     assert listed["dora"]["state"] == "failed" and "DoRA" in listed["dora"]["reason"]
@@ -140,13 +153,11 @@ def test_adapters_endpoint_tells_the_truth(server):
 
 
 def running_in_vllm(server) -> float:
-    for line in server.http.get("/v1/metrics").text.splitlines():
-        if line.startswith("vllm:num_requests_running"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("vLLM's metrics are not appended")
+    return server.metric("vllm:num_requests_running")
 
 
 def test_metrics_have_ours_and_vllms(server):
+    assert server.complete("alpha")  # a request of its own to count
     text = server.http.get("/v1/metrics").text
     assert 'lora_adapters{state="ready"}' in text
     assert 'lora_adapter_loads_total{kind="loaded"}' in text
@@ -174,7 +185,5 @@ def test_sigterm_stops_everything(server):
     code = server.terminate(timeout=30)
     TIMES["sigterm_to_exit"] = time.monotonic() - start
     assert code == 0
-    time.sleep(0.5)
-    left = [pid for pid in children if alive(pid)]
-    assert not left, f"processes left behind: {left}"
+    wait_gone(children)
     print("measured:", {k: round(v, 2) for k, v in TIMES.items()})

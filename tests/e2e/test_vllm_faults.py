@@ -4,6 +4,7 @@ refusals, and one adapter's trouble never delaying another."""
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 
@@ -11,18 +12,14 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import copy_adapter
-from tests.e2e.server import free_port, tiny_env
+from tests.e2e.server import free_port, holds, make_source, tiny_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, library):
-    folder = tmp_path_factory.mktemp("faults") / "loras"
-    folder.mkdir()
-    copy_adapter(library / "alpha", folder / "alpha")
-    return folder
+    return make_source(tmp_path_factory.mktemp("faults"), library, {"alpha": "alpha"})
 
 
 @pytest.fixture(scope="module")
@@ -61,77 +58,84 @@ def shim(server, shim_port):
 LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
 
-def test_500s_are_retried_with_backoff_until_served(server, shim, source, library):
-    shim.fail(LOAD, times=3, status=500, lora_name="beta")
-    copy_adapter(library / "beta", source / "beta")
-    server.wait_for(lambda: server.error_of("beta") is None, timeout=30, what="beta served")
-    calls = shim.calls(LOAD, "beta")
+def test_500s_are_retried_with_backoff_until_served(server, shim, own):
+    name = own.name()
+    shim.fail(LOAD, times=3, status=500, lora_name=name)
+    own.add("beta")
+    server.wait_for(lambda: server.error_of(name) is None, timeout=30, what=f"{name} served")
+    calls = shim.calls(LOAD, name)
     assert [c.get("status") for c in calls] == [500, 500, 500, 200]
     gaps = [b["time"] - a["time"] for a, b in zip(calls, calls[1:], strict=False)]
     assert gaps[0] >= 0.4 and gaps[1] >= 0.9 and gaps[2] >= 1.9, gaps  # 0.5, 1, 2 s backoff
-    assert len(re.findall(r"adapter beta: backend not answering .* retry \d", server.logs())) == 3
-    assert server.complete("beta") != server.complete("alpha")
+    retries = re.findall(rf"adapter {re.escape(name)}: backend not answering .* retry \d",
+                         server.logs())
+    assert len(retries) == 3
+    assert server.complete(name) != server.complete("alpha")
 
 
-def test_a_timeout_is_retried(server, shim, source, library):
-    shim.fail(LOAD, times=1, delay=3, lora_name="gamma")
-    copy_adapter(library / "gamma", source / "gamma")
-    time.sleep(1.5)
-    assert "load will be retried" in server.error_of("gamma")
-    server.wait_for(lambda: server.error_of("gamma") is None, timeout=30, what="gamma served")
+def test_a_timeout_is_retried(server, shim, own):
+    name = own.name()
+    shim.fail(LOAD, times=1, delay=3, lora_name=name)
+    own.add("gamma")
+    wait_until(lambda: server.error_of(name) or "", lambda error: "load will be retried" in error,
+               timeout=10, what=f"{name} refused while its load is retried")
+    server.wait_for(lambda: server.error_of(name) is None, timeout=30, what=f"{name} served")
     assert "ReadTimeout" in server.logs()
 
 
-def test_one_failing_adapter_never_delays_another(server, shim, source, library):
-    shim.fail(LOAD, times=50, delay=0.9, status=503, lora_name="stuck")
-    copy_adapter(library / "alpha", source / "stuck")
-    time.sleep(0.3)
+def test_one_failing_adapter_never_delays_another(server, shim, own):
+    stuck, fresh = own.name("stuck"), own.name("fresh")
+    shim.fail(LOAD, times=50, delay=0.9, status=503, lora_name=stuck)
+    own.add("alpha", "stuck")
+    server.wait_for(lambda: shim.calls(LOAD, stuck), timeout=10, what=f"{stuck} loading")
     start = time.monotonic()
-    copy_adapter(library / "beta", source / "fresh")
-    server.wait_for(lambda: server.error_of("fresh") is None, timeout=10, what="fresh served")
+    own.add("beta", "fresh")
+    server.wait_for(lambda: server.error_of(fresh) is None, timeout=10, what=f"{fresh} served")
     assert time.monotonic() - start < 2.0
-    stuck = server.error_of("stuck")
-    assert "still loading" in stuck or "load will be retried" in stuck, stuck
+    error = server.error_of(stuck)
+    assert "still loading" in error or "load will be retried" in error, error
 
 
-def test_refused_adapter_fails_once_and_is_not_retried(server, shim, source, library):
-    folder = copy_adapter(library / "alpha", source / "liar")
-    weights = folder / "adapter_model.safetensors"
+def test_refused_adapter_fails_once_and_is_not_retried(server, shim, own):
+    name = own.add("alpha")
+    weights = own.path() / "adapter_model.safetensors"
     good = weights.read_bytes()
     tensors = load_file(weights)  # tensors for a module the model does not have
     save_file({k.replace("q_proj", "zz_proj"): v for k, v in tensors.items()}, weights)
-    server.wait_for(lambda: "failed to load" in (server.error_of("liar") or ""), timeout=10,
-                    what="liar failed")
-    assert "refused by the backend" in server.error_of("liar")
-    time.sleep(3)  # three more passes
-    assert len(shim.calls(LOAD, "liar")) == 1
+    server.wait_for(lambda: "failed to load" in (server.error_of(name) or ""), timeout=10,
+                    what=f"{name} failed")
+    assert "refused by the backend" in server.error_of(name)
+    holds(lambda: len(shim.calls(LOAD, name)), lambda loads: loads == 1, seconds=3,
+          what=f"{name} not loaded again (three more passes)")
     weights.write_bytes(good)  # fixed: its files changed, so it is tried again
-    server.wait_for(lambda: server.error_of("liar") is None, timeout=10, what="liar served")
+    server.wait_for(lambda: server.error_of(name) is None, timeout=10, what=f"{name} served")
 
 
-def test_unload_failure_still_refuses_requests_and_retries(server, shim, source):
-    import shutil
-
-    shim.fail(UNLOAD, times=2, status=500, lora_name="fresh")
-    shutil.rmtree(source / "fresh")
-    server.wait_for(lambda: server.error_of("fresh") is not None, timeout=5, what="fresh 404")
-    server.wait_for(lambda: len(shim.calls(UNLOAD, "fresh")) >= 3, timeout=15,
+def test_unload_failure_still_refuses_requests_and_retries(server, shim, own):
+    name = own.add("beta")
+    server.wait_for(lambda: server.error_of(name) is None, timeout=10, what=f"{name} served")
+    shim.fail(UNLOAD, times=2, status=500, lora_name=name)
+    shutil.rmtree(own.path())
+    server.wait_for(lambda: server.error_of(name) is not None, timeout=5, what=f"{name} 404")
+    server.wait_for(lambda: len(shim.calls(UNLOAD, name)) >= 3, timeout=15,
                     what="unload retried")
-    server.wait_for(lambda: "fresh" not in server.models(), timeout=5, what="fresh gone")
-    assert "does not exist" in server.error_of("fresh")
+    server.wait_for(lambda: name not in server.models(), timeout=5, what=f"{name} gone")
+    assert "does not exist" in server.error_of(name)
 
 
-def test_folder_deleted_mid_load_ends_unserved_and_harmless(server, shim, source, library):
-    import shutil
-
-    shim.fail(LOAD, times=1, delay=1.5, lora_name="vanish")  # the load hangs for a while
-    copy_adapter(library / "gamma", source / "vanish")
-    server.wait_for(lambda: len(shim.calls(LOAD, "vanish")) == 1, timeout=5,
+def test_folder_deleted_mid_load_ends_unserved_and_harmless(server, shim, own):
+    name = own.name()
+    shim.fail(LOAD, times=1, delay=1.5, lora_name=name)  # the load hangs for a while
+    own.add("gamma")
+    server.wait_for(lambda: len(shim.calls(LOAD, name)) == 1, timeout=5,
                     what="load started")
-    shutil.rmtree(source / "vanish")  # the folder goes while vLLM is loading it
-    server.wait_for(lambda: "does not exist" in (server.error_of("vanish") or ""), timeout=15,
-                    what="vanish gone")
-    time.sleep(2.5)  # passes after the load ended unload what it left behind
-    assert "vanish" not in server.models()
-    assert "does not exist" in server.error_of("vanish")
+    shutil.rmtree(own.path())  # the folder goes while vLLM is loading it
+    server.wait_for(lambda: "does not exist" in (server.error_of(name) or ""), timeout=15,
+                    what=f"{name} gone")
+    # the hung load ends in this window; passes after it unload what it left behind, and the
+    # adapter is never served meanwhile
+    holds(server.models, lambda models: name not in models, seconds=2.5,
+          what=f"{name} never served after its folder went")
+    assert name not in server.models()
+    assert "does not exist" in server.error_of(name)
     assert server.complete("alpha")

@@ -12,8 +12,7 @@ import re
 
 import pytest
 
-from tests.conftest import copy_adapter
-from tests.e2e.server import tiny_env
+from tests.e2e.server import make_source, tiny_env
 
 pytestmark = pytest.mark.e2e
 SHORT = "Hi"  # two tokens for the tiny model's tokenizer
@@ -23,9 +22,7 @@ SHORT = "Hi"  # two tokens for the tiny model's tokenizer
 @pytest.mark.parametrize("first", ["base", "adapter"])
 def test_first_request_is_a_two_token_prompt(serve_factory, tiny_model, library, tmp_path, mode,
                                              first):
-    source = tmp_path / "loras"
-    source.mkdir()
-    copy_adapter(library / "alpha", source / "first-a")
+    source = make_source(tmp_path, library, {"first-a": "alpha"})
     extra = {"NIM_PEFT_REFRESH_INTERVAL": "60"} if mode == "dynamic" else {}
     server = serve_factory(tiny_env(tiny_model, source, **extra),
                            name=f"first-{mode}-{first}").wait_ready()

@@ -9,24 +9,20 @@ import time
 
 import pytest
 
-from tests.conftest import copy_adapter
-from tests.e2e.server import alive, descendants, tiny_env
-from tests.e2e.test_vllm_static import _find_backend
+from tests.e2e.server import descendants, find_backend, make_source, tiny_env, wait_gone
 
 pytestmark = pytest.mark.e2e
 
 
 def test_a_hung_backend_makes_the_service_unready_then_stops_it(serve_factory, tiny_model,
                                                                 library, tmp_path):
-    source = tmp_path / "loras"
-    source.mkdir()
-    copy_adapter(library / "alpha", source / "hung-a")
+    source = make_source(tmp_path, library, {"hung-a": "alpha"})
     server = serve_factory(tiny_env(tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="60",
                                     NIM_BACKEND_HEALTH_TIMEOUT_SECS="6"),
                            name="hung").wait_ready()
     assert server.complete("hung-a")
     family = descendants(server.process.pid)
-    vllm = _find_backend(server.process.pid)
+    vllm = find_backend(server.process.pid)
     os.kill(vllm, signal.SIGSTOP)  # alive, but answers nothing: like a hang in its shutdown
     stopped = time.monotonic()
 
@@ -40,5 +36,4 @@ def test_a_hung_backend_makes_the_service_unready_then_stops_it(serve_factory, t
     assert code == 1
     assert took < 6 + 2 + 25, took  # the bound, a probe, the stop's grace
     assert "has not answered /health for" in server.logs()
-    time.sleep(0.5)
-    assert not [pid for pid in family if alive(pid)], "processes left behind"
+    wait_gone(family)

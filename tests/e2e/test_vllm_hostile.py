@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import copy_adapter
-from tests.e2e.server import tiny_env
+from tests.e2e.server import make_source, own_name, tiny_env
 
 pytestmark = pytest.mark.e2e
 
@@ -56,9 +56,7 @@ def hostile(library, source, tag: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, library):
-    folder = tmp_path_factory.mktemp("hostile") / "loras"
-    folder.mkdir()
-    copy_adapter(library / "alpha", folder / "host-a")
+    folder = make_source(tmp_path_factory.mktemp("hostile"), library, {"host-a": "alpha"})
     yield folder
     subprocess.run(["rm", "-rf", str(folder.parent)], check=False)  # deep trees: no recursion
 
@@ -76,12 +74,25 @@ def server(serve_factory, tiny_model, source, expected):
     ).wait_ready()
 
 
-def listed(server) -> dict[str, dict]:
-    return {a["name"]: a for a in server.http.get("/v1/adapters").json()["data"]}
+def shown(expected: dict[str, str]):
+    """Whether a `/v1/adapters` listing shows each expected folder failed with its reason."""
+
+    def ok(adapters: dict[str, dict]) -> bool:
+        return all(name in adapters and adapters[name]["state"] == "failed"
+                   and reason in (adapters[name]["reason"] or "")
+                   for name, reason in expected.items())
+
+    return ok
+
+
+def good_folders(source) -> set[str]:
+    """The adapters the tests put in `source` (host-a and each test's own), not the hostile."""
+    return {p.name for p in source.iterdir() if p.is_dir() and not p.is_symlink()
+            and not p.name.startswith(("start-", "later-"))}
 
 
 def check_reasons(server, expected: dict[str, str]) -> None:
-    adapters = listed(server)
+    adapters = server.adapters()
     for name, reason in expected.items():
         assert name in adapters, f"{name} not shown: {sorted(adapters)}"
         assert adapters[name]["state"] == "failed" and reason in adapters[name]["reason"], (
@@ -97,36 +108,40 @@ def test_hostile_folders_at_start_are_shown_with_reasons(server, expected):
     assert server.complete("host-a") != server.complete("tiny")
 
 
-def test_hostile_folders_added_later_never_stop_hot_reload(server, source, library):
+def test_hostile_folders_added_later_never_stop_hot_reload(server, source, library, request):
+    good = own_name(request.node.name)
     later = hostile(library, source, "later")
-    time.sleep(1)
+    server.wait_adapters(shown(later), timeout=10, only=later, what="later folders shown")
     check_reasons(server, later)
     started = time.monotonic()
-    copy_adapter(library / "beta", source / "host-b")
-    took = server.wait_for(lambda: server.error_of("host-b") is None, timeout=10,
-                           what="host-b served")
+    copy_adapter(library / "beta", source / good)
+    took = server.wait_for(lambda: server.error_of(good) is None, timeout=10,
+                           what=f"{good} served")
     assert took < 1.0, f"a good adapter took {took:.2f} s after hostile folders"
     assert time.monotonic() - started < 2
     assert server.http.get("/v1/health/ready").status_code == 200
 
 
-def test_the_source_vanishing_keeps_what_is_served(server, source, library):
+def test_the_source_vanishing_keeps_what_is_served(server, source, library, request):
+    good = own_name(request.node.name)
     away = source.with_name("loras-unmounted")
     answer = server.complete("host-a")
     source.rename(away)
-    server.wait_for(lambda: "NIM_PEFT_SOURCE is unavailable" in
-                    (listed(server)["host-a"]["reason"] or ""), timeout=10, what="reason shown")
+    server.wait_adapters(lambda adapters: "NIM_PEFT_SOURCE is unavailable" in
+                         (adapters["host-a"]["reason"] or ""), timeout=10, only=["host-a"],
+                         what="reason shown")
     assert server.complete("host-a") == answer  # still served
     assert server.http.get("/v1/health/ready").status_code == 200
     away.rename(source)
-    copy_adapter(library / "gamma", source / "host-c")
-    server.wait_for(lambda: server.error_of("host-c") is None, timeout=10, what="host-c served")
-    assert not listed(server)["host-a"]["reason"]
+    copy_adapter(library / "gamma", source / good)
+    server.wait_for(lambda: server.error_of(good) is None, timeout=10, what=f"{good} served")
+    assert not server.adapters()["host-a"]["reason"]
     errors = [line for line in server.logs().splitlines() if "NIM_PEFT_SOURCE=" in line
               and "ERROR" in line]
     assert len(errors) == 1, errors
 
 
-def test_no_traceback_and_no_lost_adapter(server):
+def test_no_traceback_and_no_lost_adapter(server, source):
     assert "Traceback" not in server.logs()
-    assert {"host-a", "host-b", "host-c"} <= set(server.models())
+    good = good_folders(source)  # host-a, and each earlier test's own adapter
+    assert "host-a" in good and good <= set(server.models())

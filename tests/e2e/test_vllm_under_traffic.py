@@ -16,19 +16,15 @@ import time
 import openai
 import pytest
 
-from tests.conftest import copy_adapter
-from tests.e2e.server import tiny_env
+from tests.e2e.server import make_source, tiny_env
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, library):
-    folder = tmp_path_factory.mktemp("traffic") / "loras"
-    folder.mkdir()
-    copy_adapter(library / "alpha", folder / "busy-x")
-    copy_adapter(library / "beta", folder / "busy-y")
-    return folder
+    return make_source(tmp_path_factory.mktemp("traffic"), library,
+                       {"busy-x": "alpha", "busy-y": "beta"})
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +79,24 @@ def test_swaps_and_removal_under_traffic_keep_the_engine_alive(server, source, l
     weights = {name: (library / name / "adapter_model.safetensors").read_bytes()
                for name in ("alpha", "gamma")}
     with Clients(server, ["busy-x", "busy-y", "tiny"]) as clients:
-        time.sleep(2)
+        server.wait_for(lambda: server.metric("vllm:num_requests_running") >= 1, timeout=30,
+                        what="streams in flight")
         for i in range(4):  # swap busy-x's weights back and forth while it streams
             target = source / "busy-x" / "adapter_model.safetensors"
             tmp = target.with_name(".swap")
             tmp.write_bytes(weights["gamma" if i % 2 == 0 else "alpha"])
             tmp.replace(target)
-            time.sleep(1.5)
+            time.sleep(1.5)  # part of the scenario: streams run across each swap
         shutil.rmtree(source / "busy-x")  # removed with requests in flight
         server.wait_for(lambda: server.error_of("busy-x") is not None, timeout=60,
                         what="busy-x closed")
-        time.sleep(6)  # past the grace period: its snapshots are gone now
+        # past the grace period its snapshots go; the others' streams go on after that
+        server.wait_for(lambda: not any(name.startswith("busy-x")
+                                        for name in server.snapshots()),
+                        timeout=60, what="busy-x's snapshots deleted")
+        done = len(clients.results)
+        server.wait_for(lambda: {m for m, r in clients.results[done:] if r == "ok"}
+                        >= {"busy-y", "tiny"}, timeout=120, what="streams after the deletion")
     assert server.process.poll() is None, server.logs()[-3000:]
     failures = [r for r in clients.results if r[1] not in ("ok", "404")]
     assert not failures, failures[:5]
