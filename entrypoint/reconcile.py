@@ -26,6 +26,8 @@ from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotStore
 log = logging.getLogger(__name__)
 
 SETTLE_SECS = 0.2  # look again this soon after catching a folder mid-change
+LATE_SWAP_WATCH_SECS = 10.0  # after a swap timed out: how long the gate waits for it to land
+LATE_SWAP_POLL_SECS = 0.25
 DRAIN_SECS = 30.0  # longest wait for running requests before swapping or unloading an adapter
 SOURCE_GONE = "NIM_PEFT_SOURCE is unavailable"
 STRAY = "held by the backend though not served here; unloading it"
@@ -367,7 +369,32 @@ class Reconciler:
         requests wait, running ones finish (up to DRAIN_SECS), then the weights change.
         """
         async with self._gate(name, "swapping weights under them"):
-            return await self._send_load(name, path, replace=True)
+            reply = await self._send_load(name, path, replace=True)
+            if reply.outcome is Outcome.TRANSIENT and await self._landed_late(name, path):
+                return Reply(Outcome.DONE)
+            return reply
+
+    async def _landed_late(self, name: str, path: Path) -> bool:
+        """A swap whose answer never came (a timeout) may still happen in the backend; were the
+        gate opened now, it could land under running requests and mix two versions in their
+        answers (seen in the chaos run on vLLM). So the gate stays shut while the backend's list
+        is watched for `path`, up to LATE_SWAP_WATCH_SECS. True when it landed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LATE_SWAP_WATCH_SECS
+        while loop.time() < deadline:
+            await asyncio.sleep(LATE_SWAP_POLL_SECS)
+            try:
+                actual = await self.backend.loaded(self.client)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if actual.get(name) == str(path):
+                log.info("adapter %s: the swap that timed out reached the backend after all",
+                         name)
+                return True
+        log.warning("adapter %s: the backend did not confirm the swap within %.0f s of its "
+                    "timeout; requests resume on the previous version and the swap is retried",
+                    name, LATE_SWAP_WATCH_SECS)
+        return False
 
     @contextlib.asynccontextmanager
     async def _gate(self, name: str, then: str) -> AsyncIterator[None]:

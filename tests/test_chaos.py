@@ -222,6 +222,8 @@ def test_chaos_with_a_fake_backend(library, tmp_path, monkeypatch, seed):
     monkeypatch.setattr(registry_module, "RETRY_BASE_SECS", 0.001)
     monkeypatch.setattr(registry_module, "RETRY_MAX_SECS", 0.004)
     monkeypatch.setattr(reconcile_module, "SETTLE_SECS", 0.001)
+    monkeypatch.setattr(reconcile_module, "LATE_SWAP_WATCH_SECS", 0.01)
+    monkeypatch.setattr(reconcile_module, "LATE_SWAP_POLL_SECS", 0.001)
     chaos = Chaos(seed, tmp_path, library)
 
     async def run() -> None:

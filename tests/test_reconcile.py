@@ -222,6 +222,51 @@ def test_a_swap_waits_for_running_requests_even_when_the_list_fails(setup, libra
     asyncio.run(scenario())
 
 
+def test_a_swap_that_times_out_keeps_the_gate_shut_until_it_lands(setup, library, tmp_path,
+                                                                   monkeypatch):
+    """The backend acts on a swap after our call timed out (seen on vLLM): requests that came
+    meanwhile must not run while the weights change under them."""
+    source, backend, registry, reconciler = setup
+    with_snapshots(tmp_path, reconciler)
+    monkeypatch.setattr(reconciler_module, "LATE_SWAP_POLL_SECS", 0.02)
+    events: list[str] = []
+    plain_load = backend.load
+
+    async def late_load(client, name, path, *, replace=False):
+        if not replace:
+            return await plain_load(client, name, path, replace=replace)
+
+        def land() -> None:
+            events.append("swapped")
+            backend.served[name] = str(path)
+
+        asyncio.get_running_loop().call_later(0.3, land)
+        return Reply(Outcome.TRANSIENT, "ReadTimeout")
+
+    async def request() -> None:
+        await reconciler.traffic.enter("alpha")
+        events.append("request")
+        reconciler.traffic.leave("alpha")
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        backend.load = late_load
+        (source / "alpha" / "adapter_model.safetensors").write_bytes(
+            (library / "beta" / "adapter_model.safetensors").read_bytes())
+        await reconciler.sync()
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(request())  # arrives while the swap is unanswered
+        await reconciler.wait_idle()
+        await waiting
+        assert events == ["swapped", "request"]
+        record = registry.get("alpha")
+        assert record.state is State.READY and record.loaded_version == record.version
+        assert backend.served["alpha"] == str(record.loaded_path)
+
+    asyncio.run(scenario())
+
+
 def test_removal_drains_unloads_then_deletes_the_snapshot_after_its_grace(setup, library,
                                                                           tmp_path):
     source, backend, registry, reconciler = setup
