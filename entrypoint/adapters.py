@@ -132,6 +132,11 @@ def _list_folder(path: str) -> _Listing:
     return _Listing(digest, sum(files.values()), files, frozenset(others))
 
 
+def _readable(path: str) -> bool:
+    """This process (its effective user, as `open` checks) may read `path`."""
+    return os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids)
+
+
 def open_regular(path: str | Path) -> int:
     """A read descriptor for `path` if it is a regular file, else OSError; never blocks on a
     FIFO (opened non-blocking, checked with fstat)."""
@@ -329,6 +334,12 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
         if special in listing.others:
             return AdapterFolder(**base, problem=f"{special} is not a regular file (a folder, "
                                  "a pipe or a broken link); replace it with the real file")
+    unreadable = sorted(f for f in files if not _readable(os.path.join(folder, f))
+                        and os.path.lexists(os.path.join(folder, f)))  # (not just vanished)
+    if unreadable:
+        return AdapterFolder(**base, problem=f"{unreadable[0]} cannot be read by this user "
+                             f"(uid {os.geteuid()}); make the adapter's files readable "
+                             "(chmod -R a+rX) or run as their owner")
     weights_name = next((w for w in WEIGHT_FILES if w in files), None)
     weights = path / weights_name if weights_name else None
     if CONFIG_FILE not in files:

@@ -6,6 +6,7 @@ Nothing else in the entrypoint reads `os.environ` for configuration. A bad value
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -280,6 +281,12 @@ class Settings(BaseSettings):
                     f"NIM_MODEL_NAME={self.model_name}: no such folder; mount the model there or "
                     "fix the path"
                 )
+            if looks_local and (unreadable := _unreadable(model)) is not None:
+                raise ConfigError(
+                    f"NIM_MODEL_NAME={self.model_name}: {unreadable} cannot be read by this user "
+                    f"(uid {os.geteuid()}); make the model readable (chmod -R a+rX) or run as "
+                    "its owner (docker run -u UID:GID)"
+                )
         if self.peft_source is not None:
             source = self.peft_source.expanduser()
             if not source.exists():
@@ -356,3 +363,19 @@ def configuration_reference() -> str:
         description = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{variable}` | {kind} | {default} | {description} |")
     return "\n".join(lines) + "\n"
+
+
+def _unreadable(folder: Path) -> str | None:
+    """The first entry of a model folder this process cannot read (vLLM would report it as
+    missing, deep in a worker's traceback), or None."""
+    effective = os.access in os.supports_effective_ids
+    if not os.access(folder, os.R_OK | os.X_OK, effective_ids=effective):
+        return "the folder"
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return "the folder"
+    for entry in entries:
+        if entry.is_file() and not os.access(entry, os.R_OK, effective_ids=effective):
+            return entry.name
+    return None

@@ -344,3 +344,27 @@ def test_rank_messages_name_the_variable_only_when_the_user_set_it(library, sour
     assert derived.problem(1024) == ("rank 1024 is above the largest rank vllm allows (512); "
                                      "use an adapter of rank 512 or less")
     assert derived.problem(16) is None and RankLimit(64).problem(64) is None
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to check as another user")
+def test_a_file_the_user_cannot_read_is_named_with_the_fix(library):
+    """As in the image (uid 1000) with adapter files copied by root (0600)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as top:  # under /tmp: others may enter it
+        os.chmod(top, 0o755)
+        folder = copy_adapter(library / "alpha", Path(top) / "secret")
+        (folder / "adapter_model.safetensors").chmod(0o600)
+        os.chmod(folder, 0o755)
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            found = inspect_folder(folder)
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert found.problem == (
+            "adapter_model.safetensors cannot be read by this user (uid 65534); make the "
+            "adapter's files readable (chmod -R a+rX) or run as their owner")
+        (folder / "adapter_model.safetensors").chmod(0o644)  # the fix named: now valid
+        assert inspect_folder(folder).valid

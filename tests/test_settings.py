@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,29 @@ def test_interval_needs_a_source(monkeypatch, model_dir):
     monkeypatch.setenv("NIM_PEFT_REFRESH_INTERVAL", "5")
     with pytest.raises(ConfigError, match="NIM_PEFT_SOURCE is not"):
         load_settings()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to check as another user")
+def test_a_model_the_user_cannot_read_is_one_line_with_the_fix(monkeypatch, tiny_model):
+    """As in the image (uid 1000) with a model saved by root (safetensors writes 0600)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as top:  # under /tmp: others may enter it
+        os.chmod(top, 0o755)
+        model = Path(top) / "model"
+        shutil.copytree(tiny_model, model)
+        os.chmod(model, 0o755)
+        (model / "model.safetensors").chmod(0o600)
+        monkeypatch.setenv("NIM_MODEL_NAME", str(model))
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            with pytest.raises(ConfigError) as info:
+                load_settings()
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert str(info.value) == (
+            f"NIM_MODEL_NAME={model}: model.safetensors cannot be read by this user (uid 65534); "
+            "make the model readable (chmod -R a+rX) or run as its owner (docker run -u UID:GID)")
