@@ -213,17 +213,60 @@ def config_reference() -> None:
 @app.command()
 def demo(
     port: Annotated[int | None, typer.Option(help="Public port (NIM_SERVER_PORT).")] = None,
+    build_only: Annotated[
+        bool,
+        typer.Option("--build-only", help="Build the demo assets (once), print their paths as "
+                     "JSON and exit; serve nothing."),
+    ] = False,
 ) -> None:
-    """Build the tiny demo model and adapters (once) and serve them in dynamic mode."""
-    cache = Path(os.environ.get("NIM_CACHE_PATH", ".cache")).resolve()
-    typer.echo(f"building the demo model and adapters under {cache / 'demo'} (once) ...")
-    from .demo import DEMO_ADAPTERS, build_demo
+    """Build the tiny demo model and adapters (once) and serve them in dynamic mode.
 
-    assets = build_demo(cache / "demo")
-    first = next(iter(DEMO_ADAPTERS))
-    if not any(assets.loras.iterdir()):
-        shutil.copytree(assets.library / first, assets.loras / f".{first}.tmp")
-        os.replace(assets.loras / f".{first}.tmp", assets.loras / first)
+    The base model answers plainly and each adapter in its own style, whatever
+    the prompt: demo-pirate, demo-poet, demo-robot and demo-pirate-v2 (a second
+    version of demo-pirate). They are trained on CPU the first time (well under
+    a minute) under NIM_CACHE_PATH/demo, then reused. demo-pirate starts in the
+    watched folder; once the server is ready the demo prints the commands that
+    add, update and remove adapters, and what each answer then is.
+
+    --build-only prints {"model", "library", "loras", "answers"} as JSON: the
+    base model folder, the adapter library, the watched folder (demo-pirate in
+    it) and the answer of the base model ("base") and of each adapter at
+    temperature 0. Serve them with NIM_MODEL_NAME=<model>
+    NIM_PEFT_SOURCE=<loras> lora-entrypoint serve.
+    """
+    cache = Path(os.environ.get("NIM_CACHE_PATH", ".cache")).resolve()
+    typer.echo(f"building the demo model and adapters under {cache / 'demo'} (once) ...",
+               err=build_only)
+    from .demo import DEMO_ADAPTERS, DEMO_BASE_ANSWER, DemoBuildError, build_demo
+
+    try:
+        assets = build_demo(cache / "demo")
+    except DemoBuildError as exc:
+        fail(str(exc))
+        return
+    first, added, update = "demo-pirate", "demo-poet", "demo-pirate-v2"
+
+    def seed(loras: Path) -> None:
+        """demo-pirate alone in the watched folder: the demo's own folder is reset on every run,
+        so that its steps answer as printed; another one (NIM_PEFT_SOURCE) only if empty."""
+        loras.mkdir(parents=True, exist_ok=True)
+        if loras.resolve() == assets.loras.resolve():
+            for entry in loras.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        if not any(loras.iterdir()):
+            shutil.copytree(assets.library / first, loras / f".{first}.tmp")
+            os.replace(loras / f".{first}.tmp", loras / first)
+
+    if build_only:
+        seed(assets.loras)
+        typer.echo(json.dumps({
+            "model": str(assets.model), "library": str(assets.library),
+            "loras": str(assets.loras), "answers": {"base": DEMO_BASE_ANSWER, **DEMO_ADAPTERS},
+        }, indent=2))
+        return
     defaults = {
         "NIM_MODEL_NAME": str(assets.model),
         "NIM_SERVED_MODEL_NAME": "tiny-llama",
@@ -237,9 +280,20 @@ def demo(
         os.environ.setdefault(key, value)
     settings = _settings(server_port=port)
     url = f"http://localhost:{settings.server_port}"
-    other = [name for name in DEMO_ADAPTERS if name != first]
     loras = settings.peft_source
     assert loras is not None  # set just above
+    seed(loras)
+    lib = assets.library
+
+    def ask(model: str, *, chat: bool = False) -> str:
+        if chat:
+            body = (f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], '
+                    '"max_tokens": 48, "temperature": 0}')
+            return (f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                    f"     -d '{body}'")
+        body = f'{{"model": "{model}", "prompt": "Hello", "max_tokens": 48, "temperature": 0}}'
+        return (f"curl -s {url}/v1/completions -H 'Content-Type: application/json' \\\n"
+                f"     -d '{body}'")
 
     def instructions() -> None:
         print(
@@ -247,20 +301,35 @@ def demo(
 ================================================================================
  lora-entrypoint demo is ready on {url}  (base model: {settings.served_name})
  Watched adapter folder: {loras}
- Adapter library (copy from here): {assets.library}
+ Adapter library (copy from here): {lib}
+ Each model answers one sentence in its own style, whatever the prompt: see the "text"
+ (chat: "content") of each reply.
 
- Try the adapter already there:
-   curl {url}/v1/models
-   curl {url}/v1/completions -H 'Content-Type: application/json' \\
-     -d '{{"model": "{first}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
+ 1. The base model answers plainly:
+   {ask(settings.served_name)}
+   -> " {DEMO_BASE_ANSWER}"
+   {ask(settings.served_name, chat=True)}
+   -> " {DEMO_BASE_ANSWER}"
 
- Hot-add another adapter (copy into the watched folder):
-   cp -r {assets.library / other[0]} {loras}/
-   curl {url}/v1/completions -H 'Content-Type: application/json' \\
-     -d '{{"model": "{other[0]}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
+ 2. Try the adapter already there:
+   curl -s {url}/v1/models
+   {ask(first)}
+   -> " {DEMO_ADAPTERS[first]}"
 
- Remove it again (the same request then gets 404):
-   rm -r {loras / other[0]}
+ 3. Hot-add another adapter: copy its folder into the watched folder (served within ~1 s):
+   cp -r {lib / added} {loras}/
+   {ask(added)}
+   -> " {DEMO_ADAPTERS[added]}"
+
+ 4. Update an adapter: copy a new version's files over its folder (swapped in within ~1 s):
+   cp {lib / update}/* {loras / first}/
+   {ask(first)}
+   -> " {DEMO_ADAPTERS[update]}"
+
+ 5. Remove an adapter: delete its folder (the same request then gets 404):
+   rm -r {loras / added}
+   {ask(added)}
+   -> 404: "The model '{added}' does not exist."
 
  Stop with Ctrl+C.
 ================================================================================
