@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo demo-assets test lint install clean image
 
 install: $(STAMP)
 
@@ -22,10 +22,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m entrypoint demo
 
+# The demo's model and adapters under .cache/demo, without serving (for the container).
+demo-assets: $(STAMP)
+	$(PY) -m entrypoint demo --build-only
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
+
+# The CPU image, lora-entrypoint:cpu, with podman or docker (container/build.sh says which).
+image:
+	bash container/build.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

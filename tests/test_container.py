@@ -24,7 +24,8 @@ def tool(name: str) -> str:
 
 
 def test_dockerfile_lints_clean():
-    result = subprocess.run([tool("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)],
+    result = subprocess.run([tool("hadolint"), "--failure-threshold", "info", str(DOCKERFILE),
+                             str(ROOT / "container" / "cpu-base.Containerfile")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -34,7 +35,10 @@ def test_dockerfile_says_what_the_product_needs():
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
     assert base.startswith("vllm/vllm-openai:v") and not base.endswith(":latest")
     assert "lmsysorg/sglang:v" in text  # the documented build argument for SGLang
-    assert 'ENTRYPOINT ["lora-entrypoint", "serve"]' in text
+    assert 'ENTRYPOINT ["tini", "--", "lora-entrypoint", "serve"]' in text
+    assert re.search(r"^USER 1000:1000$", text, re.M)  # not root by default
+    assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
+    assert "--editable" not in text  # installed as a normal package
     assert re.search(r"^EXPOSE 8000$", text, re.M)
     assert re.search(r"^HEALTHCHECK .*\n?.*/v1/health/ready", text, re.M)
     assert "NIM_PEFT_SOURCE=/opt/nim/loras" in text and "NIM_CACHE_PATH=/opt/nim/.cache" in text
