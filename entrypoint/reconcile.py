@@ -358,7 +358,7 @@ class Reconciler:
         """One load call. When its outcome is unknown (a timeout, a dropped connection) the
         backend may still act on it later, so `path` is kept ten grace periods at least."""
         reply = await self.backend.load(self.client, name, path, replace=replace)
-        if reply.outcome is Outcome.TRANSIENT and self.snapshots is not None:
+        if reply.unanswered and self.snapshots is not None:
             self.snapshots.hold(path, self.snapshots.grace * 10)
         return reply
 
@@ -370,7 +370,7 @@ class Reconciler:
         """
         async with self._gate(name, "swapping weights under them"):
             reply = await self._send_load(name, path, replace=True)
-            if reply.outcome is Outcome.TRANSIENT and await self._landed_late(name, path):
+            if reply.unanswered and await self._landed_late(name, path):
                 return Reply(Outcome.DONE)
             return reply
 

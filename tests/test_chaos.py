@@ -44,27 +44,30 @@ class ChaosBackend(VLLMBackend):
         self.violations: list[str] = []
         self.faults = Counter()
 
-    def _fault(self, late: tuple[str, str] | None = None) -> Reply | None:
+    def _fault(self, late: tuple[str, str, bool] | None = None) -> Reply | None:
         if self.rng.random() < self.fail_rate:
             kind = self.rng.choice(["HTTP 500", "ReadTimeout", "ConnectError", "late load"])
             self.faults[kind] += 1
             if kind == "late load" and late is not None:  # timed out here, done there later
-                name, path = late
                 asyncio.get_running_loop().call_later(self.rng.random() * 0.05, self._arrive,
-                                                      name, path)
-            return Reply(Outcome.TRANSIENT, kind)
+                                                      *late)
+            return Reply(Outcome.TRANSIENT, kind, unanswered=kind in ("ReadTimeout", "late load"))
         return None
 
-    def _arrive(self, name: str, path: str) -> None:
+    def _arrive(self, name: str, path: str, replace: bool) -> None:
+        if name in self.served and not replace:
+            return  # vLLM answers a plain load of a served name "already loaded"
         if not (Path(path) / WEIGHTS).is_file():
             self.violations.append(f"a late load of {name} found its path deleted: {path}")
+        if self.served.get(name, path) != path and self.traffic.running(name):
+            self.violations.append(f"a late swap of {name} landed under a running request")
         self.served[name] = path
 
     async def load(self, client, name, path, *, replace=False) -> Reply:
         await asyncio.sleep(0)
         if not (Path(path) / WEIGHTS).is_file():
             self.violations.append(f"load of {name} from a path that does not exist: {path}")
-        if fault := self._fault(late=(name, str(path))):
+        if fault := self._fault(late=(name, str(path), replace)):
             return fault
         if name in self.served and not replace:
             return Reply(Outcome.ALREADY_LOADED, "already loaded")
@@ -222,8 +225,8 @@ def test_chaos_with_a_fake_backend(library, tmp_path, monkeypatch, seed):
     monkeypatch.setattr(registry_module, "RETRY_BASE_SECS", 0.001)
     monkeypatch.setattr(registry_module, "RETRY_MAX_SECS", 0.004)
     monkeypatch.setattr(reconcile_module, "SETTLE_SECS", 0.001)
-    monkeypatch.setattr(reconcile_module, "LATE_SWAP_WATCH_SECS", 0.01)
-    monkeypatch.setattr(reconcile_module, "LATE_SWAP_POLL_SECS", 0.001)
+    monkeypatch.setattr(reconcile_module, "LATE_SWAP_WATCH_SECS", 0.2)  # late loads: <= 0.05 s
+    monkeypatch.setattr(reconcile_module, "LATE_SWAP_POLL_SECS", 0.005)
     chaos = Chaos(seed, tmp_path, library)
 
     async def run() -> None:

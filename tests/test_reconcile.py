@@ -241,7 +241,7 @@ def test_a_swap_that_times_out_keeps_the_gate_shut_until_it_lands(setup, library
             backend.served[name] = str(path)
 
         asyncio.get_running_loop().call_later(0.3, land)
-        return Reply(Outcome.TRANSIENT, "ReadTimeout")
+        return Reply(Outcome.TRANSIENT, "ReadTimeout", unanswered=True)
 
     async def request() -> None:
         await reconciler.traffic.enter("alpha")

@@ -35,6 +35,9 @@ class Outcome(enum.Enum):
 class Reply:
     outcome: Outcome
     message: str = ""
+    #: the call may have reached the engine but no answer came (a read timeout, a dropped
+    #: connection): it may still act on it later. False for an answer, or a refused connection.
+    unanswered: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,4 +131,6 @@ class Backend(ABC):
 def transient(exc: Exception) -> Reply:
     """A reply for an exception raised by the HTTP client (timeouts, refused connections)."""
     kind = type(exc).__name__
-    return Reply(Outcome.TRANSIENT, f"{kind}: {exc}" if str(exc) else kind)
+    never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    return Reply(Outcome.TRANSIENT, f"{kind}: {exc}" if str(exc) else kind,
+                 unanswered=not never_sent)
