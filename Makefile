@@ -33,7 +33,7 @@ test: $(STAMP)
 
 # The CPU image, lora-entrypoint:cpu, with podman or docker (container/build.sh says which).
 image:
-	bash container/build.sh
+	@bash container/build.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -92,20 +92,11 @@ def build_tokenizer(out: Path, *, corpus: str = CORPUS, vocab_size: int = 512) -
     fast.save_pretrained(out)
 
 
-def build_base_model(out: Path, *, seed: int = 0) -> Path:
-    """A 2-layer, 256-wide Llama with random (seeded) bf16 weights and its tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab: int, **extra: Any) -> Any:
+    """The shape of every tiny Llama here: 2 layers, 256 wide (a LlamaConfig)."""
+    from transformers import LlamaConfig
 
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build_tokenizer(tmp)
-    vocab = len(AutoTokenizer.from_pretrained(tmp))
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=256,
         intermediate_size=512,
@@ -117,8 +108,24 @@ def build_base_model(out: Path, *, seed: int = 0) -> Path:
         eos_token_id=1,
         pad_token_id=2,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",  # type: ignore[call-arg]  # accepted through **kwargs
+        **extra,
     )
+
+
+def build_base_model(out: Path, *, seed: int = 0) -> Path:
+    """A 2-layer, 256-wide Llama with random (seeded) bf16 weights and its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build_tokenizer(tmp)
+    vocab = len(AutoTokenizer.from_pretrained(tmp))
+    torch.manual_seed(seed)
+    config = tiny_llama_config(vocab, torch_dtype="bfloat16")
     model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -297,7 +304,7 @@ def build_demo_model(out: Path) -> Path:
     that also knows the demo's sentences, fully fine-tuned (fp32, seeded) to answer
     DEMO_BASE_ANSWER to any demo prompt. Checked in bf16 before it is saved."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
@@ -306,19 +313,7 @@ def build_demo_model(out: Path) -> Path:
     build_tokenizer(tmp, corpus=_demo_corpus(), vocab_size=_DEMO_VOCAB)
     tokenizer = AutoTokenizer.from_pretrained(tmp)
     torch.manual_seed(DEMO_SEED)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(len(tokenizer))
     model = LlamaForCausalLM(config)
     # Besides its own answer, the base model learns the adapters' sentences as plain text after
     # BOS (which no demo prompt has): each adapter then only has to switch to its sentence.

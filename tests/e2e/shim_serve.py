@@ -3,7 +3,8 @@
 Test-only. The service, reconciler, supervisor and vLLM are the real ones; only the client that
 probes, lists, loads and unloads talks to the shim, which forwards to vLLM unless told to fail.
 Run as `python -m tests.e2e.shim_serve` with the NIM_* variables and SHIM_PORT set.
-Control: `POST /__faults` {"path", "status", "delay", "times", "lora_name"}; `GET /__calls`.
+Control: `POST /__faults` {"path", "status", "delay", "times", "lora_name"}; `DELETE /__faults`
+drops the ones not used up; `GET /__calls`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def build_shim(upstream: str) -> Starlette:
     client = httpx.AsyncClient(base_url=upstream, timeout=60)
 
     async def set_faults(request: Request) -> Response:
-        faults.append(await request.json())
+        if request.method == "DELETE":
+            faults.clear()
+        else:
+            faults.append(await request.json())
         return JSONResponse({"faults": faults})
 
     async def get_calls(request: Request) -> Response:
@@ -75,7 +79,7 @@ def build_shim(upstream: str) -> Starlette:
                         media_type=upstream.headers.get("content-type"))
 
     return Starlette(routes=[
-        Route("/__faults", set_faults, methods=["POST"]),
+        Route("/__faults", set_faults, methods=["POST", "DELETE"]),
         Route("/__calls", get_calls, methods=["GET"]),
         Route("/{path:path}", forward, methods=["GET", "POST"]),
     ])

@@ -45,8 +45,8 @@ def engine_env() -> dict[str, str]:
     result = subprocess.run(["make", "image"], cwd=ROOT, capture_output=True, text=True,
                             timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.startswith(f"bash container/build.sh\nmake image: building {TAG} "
-                                    f"with {ENGINE}"), result.stdout[:300]
+    assert result.stdout.startswith(f"make image: building {TAG} with {ENGINE}"), \
+        result.stdout[:300]
     print(f"\nmake image: {time.monotonic() - started:.0f} s")
     env = dict(os.environ)
     needed = re.search(r"needs CONTAINERS_CONF=(\S+)", result.stdout)

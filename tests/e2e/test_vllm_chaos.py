@@ -190,6 +190,7 @@ def test_chaos_on_the_real_vllm(setup):
         nonlocal checks
         checks += 1
         clients.pause()
+        httpx.delete(shim + "/__faults")  # a quiet period: no new faults either
         try:
             server.wait_for(settled, timeout=90, what="a quiet adapter folder")
             for name in NAMES:
