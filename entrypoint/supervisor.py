@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import logging
 import os
@@ -112,11 +113,18 @@ class BackendProcess:
         return False
 
     async def stop(self, *, grace: float = 20.0) -> int | None:
-        """SIGTERM the process group, then SIGKILL after `grace` seconds. Returns the exit code."""
+        """SIGTERM the backend, then SIGKILL its whole process group after `grace` seconds (or
+        once it has exited). Returns the exit code.
+
+        The signal goes to the backend's main process only, as `docker stop` would give it as
+        PID 1: it shuts its engine processes down in order. Signalled all at once, vLLM's engine
+        core died first and its API server logged an EngineDeadError traceback on every stop.
+        """
         if self.process is None:
             return None
         if self.process.returncode is None:
-            self._signal_group(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
             self._signal_group(signal.SIGCONT)  # a stopped (hung) process handles it now
             try:
                 await asyncio.wait_for(self.wait(), timeout=grace)

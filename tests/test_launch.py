@@ -144,7 +144,8 @@ def test_vllm_gpu_dynamic_argv_exactly(monkeypatch, tiny_model, tmp_path):
     assert plan.argv == [
         "python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "9999",
-        "--disable-uvicorn-access-log", "--dtype", "bfloat16", "--quantization", "fp8",
+        "--disable-uvicorn-access-log", "--shutdown-timeout", "15", "--dtype", "bfloat16",
+        "--quantization", "fp8",
         "--tensor-parallel-size", "2", "--pipeline-parallel-size", "1",
         "--enable-lora", "--max-loras", "8", "--max-cpu-loras", "16", "--max-lora-rank", "16",
         "--max-lora-rank", "64",  # passthrough comes last, so it wins

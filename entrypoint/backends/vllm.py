@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..profiles import Profile
     from ..settings import Settings
 
+SHUTDOWN_DRAIN_SECS = 15
 RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -65,6 +66,10 @@ class VLLMBackend(Backend):
         argv += ["--host", spec.host, "--port", str(spec.port)]
         if settings.log_level != "DEBUG":
             argv.append("--disable-uvicorn-access-log")  # the gateway logs requests
+        # On SIGTERM, let requests in flight finish (up to this long, below the supervisor's
+        # 20 s before SIGKILL). vLLM's default (0) aborts them and kills its engine at once,
+        # and its API server then logs an EngineDeadError traceback on most stops.
+        argv += ["--shutdown-timeout", str(SHUTDOWN_DRAIN_SECS)]
         argv += list(profile.backend_args)
         if profile.hardware.device == "gpu" or spec.tp > 1 or spec.pp > 1:
             argv += ["--tensor-parallel-size", str(spec.tp)]
