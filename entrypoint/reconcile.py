@@ -127,20 +127,17 @@ class Reconciler:
         self._source_problem = problem
         if problem is None:
             log.info("NIM_PEFT_SOURCE=%s is readable again; reconciling", self.scanner.source)
-            for name in self.registry.names():
-                state = self.registry.state(name)
-                if state is not None and state.record.reason.startswith(SOURCE_GONE):
+            for state in self.registry.states():
+                if state.record.reason.startswith(SOURCE_GONE):
                     state.note("")
             return False
         log.error("NIM_PEFT_SOURCE=%s: %s; still serving the %d adapters loaded before, and "
                   "looking again every pass (check the volume mount)", self.scanner.source,
                   problem, len(self.registry.ready_names()))
-        for name in self.registry.names():
-            state = self.registry.state(name)
-            if state is not None:
-                state.note(f"{SOURCE_GONE} ({problem}); " + (
-                    "still serving the version loaded before" if state.record.servable
-                    else "not loaded"))
+        for state in self.registry.states():
+            state.note(f"{SOURCE_GONE} ({problem}); " + (
+                "still serving the version loaded before" if state.record.servable
+                else "not loaded"))
         return True
 
     async def _delete_retired(self, backend_paths: set[str]) -> None:

@@ -183,6 +183,9 @@ class Registry:
     def state(self, name: str) -> AdapterState | None:
         return self._states.get(name)
 
+    def states(self) -> list[AdapterState]:
+        return list(self._states.values())
+
     def track(self, name: str, state: State = State.PENDING, **fields: Any) -> AdapterState:
         """The state of `name`, added with this record when there is none."""
         existing = self._states.get(name)
