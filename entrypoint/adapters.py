@@ -6,6 +6,7 @@ rank, target modules, fingerprint, problem). Reads files only; never talks to a 
 
 from __future__ import annotations
 
+import enum
 import errno
 import gc
 import hashlib
@@ -15,6 +16,7 @@ import re
 import stat
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +30,13 @@ MAX_HEADER_BYTES = 16 << 20  # a safetensors header: a few KiB per hundred tenso
 ALLOWED_MODULES_TO_SAVE = {"classifier", "score"}
 RECENT_WRITE_SECS = 2.0
 REFUSED_INIT = ("pissa", "olora", "loftq", "corda", "eva")
+
+
+class Origin(enum.StrEnum):
+    """Where an adapter comes from."""
+
+    FOLDER = "folder"  # a sub-folder of NIM_PEFT_SOURCE
+    API = "api"  # loaded through the runtime API (`POST /v1/load_lora_adapter`)
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class AdapterFolder:
     problem: str | None = None
     pending: bool = False
     config: dict = field(default_factory=dict, compare=False, repr=False)
+    origin: Origin = Origin.FOLDER
 
     @property
     def valid(self) -> bool:
@@ -104,7 +114,7 @@ class _Listing(NamedTuple):
     error: str | None = None  # the folder could not be listed (gone, unreadable)
 
 
-def _list_folder(path: str) -> _Listing:
+def list_folder(path: str) -> _Listing:
     """A cheap fingerprint of a folder's files: names, sizes and mtimes (one stat each)."""
     parts = []
     files: dict[str, int] = {}
@@ -299,22 +309,25 @@ def inspect_folder(
     *,
     limit: RankLimit | None = None,
     served_name: str | None = None,
+    name: str | None = None,
     _listing: _Listing | None = None,
 ) -> AdapterFolder:
-    """Validate one adapter folder and describe it. Never raises, never blocks on content."""
-    listing = _listing or _list_folder(str(path))
-    base: dict[str, Any] = {"name": display_name(path.name), "path": path,
+    """Validate one adapter folder and describe it. Never raises, never blocks on content.
+
+    The adapter's name is the folder's unless `name` is given (a runtime API load names it)."""
+    listing = _listing or list_folder(str(path))
+    base: dict[str, Any] = {"name": display_name(name or path.name), "path": path,
             "fingerprint": listing.fingerprint, "size": listing.size}
     try:
-        return _inspect(path, listing, base, limit=limit, served_name=served_name)
+        return _inspect(path, listing, base, limit=limit, served_name=served_name,
+                        name=name or path.name)
     except Exception as exc:  # whatever the folder holds, the scan goes on
         return AdapterFolder(**base, problem=f"folder cannot be read ({type(exc).__name__}: "
                                              f"{_shown(str(exc))})")
 
 
 def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: RankLimit | None,
-             served_name: str | None) -> AdapterFolder:
-    name = path.name
+             served_name: str | None, name: str) -> AdapterFolder:
     folder = str(path)
     files = listing.files
     if listing.error is not None:
@@ -442,7 +455,7 @@ class AdapterScanner:
         real_source: str | None = None
         known: dict[str, AdapterFolder] = {}
         for entry in sorted(entries, key=lambda e: e.name):
-            listing = _list_folder(entry.path)
+            listing = list_folder(entry.path)
             old = self._known.get(entry.name)
             if old is not None and old.fingerprint == listing.fingerprint and not old.pending:
                 known[entry.name] = old
@@ -463,6 +476,34 @@ class AdapterScanner:
             )
         self._known = known
         return list(known.values())
+
+
+def within(path: str, roots: Sequence[Path]) -> bool:
+    """`path` (already resolved) is one of `roots` or lies under one."""
+    return any(path == str(root) or path.startswith(str(root).rstrip("/") + "/")
+               for root in roots)
+
+
+def outside_roots(path: str, roots: Sequence[Path]) -> str | None:
+    """Why the folder `path` may not be loaded from, given the allowed `roots` (resolved), or
+    None: it must resolve (links and `..` resolved) under a root, and so must every file in it
+    that is a link."""
+    real = os.path.realpath(path)
+    if not within(real, roots):
+        shown = display_name(path) + ("" if real == path else f" resolves to {display_name(real)},"
+                                      " which is")
+        return f"{shown} outside the folders adapters may be loaded from"
+    try:
+        with os.scandir(real) as it:
+            links = [entry for entry in it if entry.is_symlink()]
+    except OSError:
+        return None  # missing or unreadable: judged (and named) by inspect_folder
+    for entry in links:
+        target = os.path.realpath(entry.path)
+        if not within(target, roots):
+            return (f"{display_name(entry.name)} in {display_name(path)} is a link to "
+                    f"{display_name(target)}, outside the folders adapters may be loaded from")
+    return None
 
 
 def is_folder(entry: os.DirEntry[str]) -> bool:

@@ -19,11 +19,12 @@ from typing import Protocol
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
+from .adapter_api import AdapterAPI, Answer
 from .adapters import display_name
 from .backends import Backend
 from .metrics import Metrics
@@ -43,6 +44,21 @@ _REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)
 RESPONSE_DROP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 access_log = logging.getLogger("entrypoint.access")
 
+# The backend's routes this port forwards: an allowlist, not a denylist. Each vLLM release adds
+# routes (0.32 lists 40, among them `/collective_rpc`, `/sleep`, `/scale_elastic_ep`, weight
+# updates, and SageMaker's `POST /adapters` and `/invocations`, which load an adapter from any
+# path or dispatch a body past the checks here). A denylist is only as safe as our reading of
+# the newest release; an allowlist fails closed: a route nobody reviewed answers 404.
+#: user-facing routes whose JSON body may name a model: routed like completions
+MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
+                "/v1/messages", "/v1/messages/count_tokens", "/tokenize", "/detokenize",
+                "/v1/score", "/v1/rerank", "/score", "/rerank", "/v2/rerank", "/pooling",
+                "/classify")
+#: user-facing routes that name no model: forwarded as they are
+PLAIN_ROUTES = (("/v1/responses/{response_id}", "GET"),
+                ("/v1/responses/{response_id}/cancel", "POST"),
+                ("/health", "GET"), ("/version", "GET"))
+
 
 @dataclass
 class GatewayState:
@@ -59,8 +75,10 @@ class GatewayState:
     static_mode: bool = False
     metadata: dict = field(default_factory=dict)
     metrics: Metrics | None = None
-    #: keys a client must send as `Authorization: Bearer <key>` on /v1 routes (none: open)
+    #: keys a client must send as `Authorization: Bearer <key>` (none: open)
     api_keys: tuple[str, ...] = ()
+    #: the runtime adapter API (None: off)
+    api: AdapterAPI | None = None
 
 
 def openai_error(status: int, message: str, kind: str, code: str | int | None = None) -> Response:
@@ -125,6 +143,8 @@ def unknown_model(
         message = f"The adapter '{name}' is still loading; try again in a moment."
     elif record.state is State.FAILED:
         message = f"The adapter '{name}' failed to load: {record.reason}."
+    elif record.state is State.UNLOADED:
+        message = f"The adapter '{name}' was {record.reason}."
     else:
         message = f"The adapter '{name}' is being removed."
     return Refusal(404, message, "NotFoundError", "model_not_found", model=model, adapter=name)
@@ -169,6 +189,7 @@ def describe(record: AdapterRecord) -> dict:
     """An adapter as `/v1/adapters` shows it."""
     return {
         "name": record.name,
+        "origin": record.origin.value,
         "state": record.state.value,
         "ready": record.servable,
         "reason": record.reason or None,
@@ -217,8 +238,13 @@ class Gateway:
             Route("/v1/adapters", self.adapters, methods=["GET"]),
             Route("/v1/adapters/{name}", self.adapter, methods=["GET"]),
             Route("/v1/version", self.version, methods=["GET"]),
-            Route("/v1/completions", self.inference, methods=["POST"]),
-            Route("/v1/chat/completions", self.inference, methods=["POST"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/v1/load_lora_adapter", self.load_vllm, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.unload_vllm, methods=["POST"]),
+            Route("/load_lora_adapter", self.load_sglang, methods=["POST"]),
+            Route("/unload_lora_adapter", self.unload_sglang, methods=["POST"]),
+            *[Route(path, self.inference, methods=["POST"]) for path in MODEL_ROUTES],
+            *[Route(path, self.plain, methods=[method]) for path, method in PLAIN_ROUTES],
             Route("/{path:path}", self.unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ]
         app: ASGIApp = Starlette(routes=routes)
@@ -261,7 +287,8 @@ class Gateway:
         return JSONResponse({"object": "list", "data": served})
 
     async def inference(self, request: Request) -> Response:
-        """/v1/completions and /v1/chat/completions: route by `model`, then stream through."""
+        """Completions, chat and the other MODEL_ROUTES: route by `model`, then stream
+        through."""
         started = time.perf_counter()
         state = self.state
         if not state.backend_up:
@@ -288,6 +315,99 @@ class Gateway:
             self._record(request, model=model, adapter=name, status=status, started=started)
 
         return await self._forward(request, target.body, done)
+
+    async def plain(self, request: Request) -> Response:
+        """PLAIN_ROUTES: forwarded as they are."""
+        if not self.state.backend_up:
+            return STARTING.response()
+        raw = await read_body(request)
+        if isinstance(raw, Refusal):
+            return raw.response()
+        return await self._forward(request, raw, lambda status: None)
+
+    # ---- the runtime adapter API, in vLLM's and SGLang's forms ----
+
+    async def load_vllm(self, request: Request) -> Response:
+        body = await self._api_body(request)
+        if isinstance(body, Answer):
+            return self._vllm_answer(request, body)
+        answer = await self._api().load(body.get("lora_name"), body.get("lora_path"),
+                                        replace=body.get("load_inplace") is True)
+        return self._vllm_answer(request, answer, body.get("lora_name"))
+
+    async def unload_vllm(self, request: Request) -> Response:
+        body = await self._api_body(request)
+        if isinstance(body, Answer):
+            return self._vllm_answer(request, body)
+        answer = await self._api().unload(body.get("lora_name"))
+        return self._vllm_answer(request, answer, body.get("lora_name"))
+
+    async def load_sglang(self, request: Request) -> Response:
+        body = await self._api_body(request)
+        if isinstance(body, Answer):
+            return self._sglang_answer(request, body)
+        answer = await self._api().load(body.get("lora_name"), body.get("lora_path"))
+        if answer.status == 400 and "has already been loaded" in answer.message:
+            answer = Answer.error(400, f"Failed to load LoRA adapter {body.get('lora_name')} "
+                                  "because it is already loaded")  # SGLang's words
+        return self._sglang_answer(request, answer, body.get("lora_name"))
+
+    async def unload_sglang(self, request: Request) -> Response:
+        body = await self._api_body(request)
+        if isinstance(body, Answer):
+            return self._sglang_answer(request, body)
+        answer = await self._api().unload(body.get("lora_name"))
+        if answer.status == 404:  # SGLang's words and status
+            loaded = ", ".join(self._api().loaded_adapters())
+            answer = Answer.error(400, f"LoRA with name {body.get('lora_name')} does not exist. "
+                                  f"Loaded LoRAs: {loaded}")
+        return self._sglang_answer(request, answer, body.get("lora_name"))
+
+    def _api(self) -> AdapterAPI:
+        api = self.state.api
+        if api is None:
+            api = self.state.api = AdapterAPI(
+                registry=self.state.registry, served_name=self.state.served_name, source=None,
+                reconciler=None, timeout=0, off="this server was started without it")
+        return api
+
+    async def _api_body(self, request: Request) -> dict | Answer:
+        """The JSON object of an API call, or why there is none."""
+        if (refused := self._api().refusal()) is not None:
+            return refused
+        raw = await read_body(request)
+        if isinstance(raw, Refusal):
+            return Answer.error(raw.status, raw.message)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return Answer.error(400, "Request body is not valid JSON.")
+        if not isinstance(body, dict):
+            return Answer.error(400, "Request body must be a JSON object.")
+        return body
+
+    def _vllm_answer(self, request: Request, answer: Answer, name: object = None) -> Response:
+        self._log_api(request, answer, name)
+        if answer.ok:
+            return PlainTextResponse(answer.message)
+        return openai_error(answer.status, answer.message, answer.kind)
+
+    def _sglang_answer(self, request: Request, answer: Answer, name: object = None) -> Response:
+        """SGLang's body; its status is 400 for every failure but a confinement (403) and an
+        API that is off (404)."""
+        self._log_api(request, answer, name)
+        body = {"success": answer.ok, "error_message": "" if answer.ok else answer.message,
+                "loaded_adapters": self._api().loaded_adapters()}
+        status = 200 if answer.ok else answer.status if answer.status in (403, 404) else 400
+        return JSONResponse(body, status_code=status)
+
+    @staticmethod
+    def _log_api(request: Request, answer: Answer, name: object) -> None:
+        level = logging.INFO if answer.ok else logging.WARNING
+        access_log.log(level, "%s %s lora_name=%s status=%d%s", request.method, request.url.path,
+                       name, answer.status, "" if answer.ok else f": {answer.message}",
+                       extra={"fields": {"method": request.method, "path": request.url.path,
+                                         "lora_name": name, "status": answer.status}})
 
     async def adapters(self, request: Request) -> Response:
         return JSONResponse({"object": "list",
@@ -428,13 +548,15 @@ def _model_cards(content: bytes) -> list[dict] | None:
     return cards
 
 
-#: public routes that stay open with an API key set (probes cannot send one)
+#: public routes that stay open with an API key set: probes and scrapers send none (vLLM leaves
+#: `/health`, `/version` and `/metrics` open too)
 OPEN_PREFIXES = ("/v1/health/",)
-GUARDED_PREFIX = "/v1"
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics"})
 
 
 class BearerAuth:
-    """Requires `Authorization: Bearer <key>` on every /v1 route but health, as vLLM does.
+    """Requires `Authorization: Bearer <key>` on every route but OPEN_PREFIXES and OPEN_PATHS:
+    vLLM guards its /v1 routes; here the runtime adapter API and `/tokenize` are guarded too.
 
     Pure ASGI, so a refused request costs one header comparison; keys are compared as digests
     in constant time. OPTIONS requests pass, as in vLLM.
@@ -456,8 +578,7 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if (scope["type"] == "http" and scope.get("method") != "OPTIONS"
-                and (path == GUARDED_PREFIX or path.startswith(GUARDED_PREFIX + "/"))
-                and not path.startswith(OPEN_PREFIXES)):
+                and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)):
             header = dict(scope.get("headers") or []).get(b"authorization")
             if not self.authorized(header):
                 response = openai_error(

@@ -7,13 +7,14 @@ fetched by the gateway and appended).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .registry import Registry, State
+from .registry import Registry, State, Traffic
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -30,18 +31,48 @@ class _AdapterStates(Collector):
         yield family
         ready = GaugeMetricFamily("lora_adapter_ready", "1 for each adapter ready to serve.",
                                   labels=["adapter"])
+        loaded = GaugeMetricFamily(
+            "lora_adapter_loaded", "1 for each adapter this replica's backend holds and serves "
+            "(vLLM's lora_requests_info lists only adapters with requests in flight).",
+            labels=["adapter"])
         for record in self.registry.records():
             if record.state is State.READY:
                 ready.add_metric([record.name], 1)
+            if record.servable:
+                loaded.add_metric([record.name], 1)
         yield ready
+        yield loaded
+
+
+class LoraRequestsInfo(Collector):
+    """vLLM's `vllm:lora_requests_info` for a backend that has none (SGLang), made from the
+    requests the gateway holds: running = adapters with requests in flight, waiting = adapters
+    with requests held at their gate. Same labels and meaning as vLLM's, so a fleet router (the
+    llm-d endpoint picker) can route by LoRA affinity; the value is the time, as in vLLM."""
+
+    def __init__(self, traffic: Traffic, max_lora: int) -> None:
+        self.traffic = traffic
+        self.max_lora = max_lora
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running, waiting = self.traffic.busy()
+        family = GaugeMetricFamily(
+            "vllm:lora_requests_info", "Running stats on lora requests.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        family.add_metric([str(self.max_lora), ",".join(running), ",".join(waiting)],
+                          time.time())
+        yield family
 
 
 class Metrics:
     """The entrypoint's own metrics (`lora_*`)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, lora_info: LoraRequestsInfo | None = None
+                 ) -> None:
         self.collectors = CollectorRegistry(auto_describe=True)
         self.collectors.register(_AdapterStates(registry))
+        if lora_info is not None:
+            self.collectors.register(lora_info)
         r = self.collectors
         self.loads = Counter("lora_adapter_loads", "Adapter loads that succeeded.",
                              ["kind"], registry=r)

@@ -11,14 +11,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 
-from .adapters import AdapterFolder, AdapterScanner, RankLimit
+from .adapters import (
+    AdapterFolder,
+    AdapterScanner,
+    Origin,
+    RankLimit,
+    inspect_folder,
+    list_folder,
+    outside_roots,
+)
 from .backends import Backend, Outcome, Reply
+from .intent import Intent
 from .metrics import Metrics
 from .registry import AdapterState, Registry, State, Traffic
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotStore
@@ -58,6 +67,8 @@ class Reconciler:
         metrics: Metrics | None = None,
         parallel: int = 8,
         wake: Callable[[], None] | None = None,
+        intent: Intent | None = None,
+        api_roots: Sequence[Path] = (),
     ) -> None:
         self.backend = backend
         self.client = client
@@ -72,6 +83,11 @@ class Reconciler:
         self._source_problem: str | None = None  # NIM_PEFT_SOURCE missing or unreadable
         self._cache_problem: str | None = None  # snapshots cannot be written
         self._wake = wake or (lambda: None)
+        #: what runtime API calls asked for (adapters loaded, folder adapters unloaded)
+        self.intent = intent or Intent()
+        self.api_roots = tuple(api_roots)
+        self._api_known: dict[str, AdapterFolder] = {}  # the API adapters' last inspection
+        self._hidden: dict[str, AdapterFolder] = {}  # folder adapters unloaded by the API
         self.passes = 0
         self.last_scan_secs = 0.0
 
@@ -81,7 +97,7 @@ class Reconciler:
         """One pass: scan, compare, and start per-name work for every name that needs it."""
         async with self._pass:
             started = time.perf_counter()
-            folders = await asyncio.to_thread(self.scanner.scan)
+            folders, api_folders = await asyncio.to_thread(self._scan)
             self.last_scan_secs = time.perf_counter() - started
             if self.metrics is not None:
                 self.metrics.scan_seconds.observe(self.last_scan_secs)
@@ -96,7 +112,10 @@ class Reconciler:
                 self.passes += 1
                 return  # keep serving what is loaded until the folder is back
             wanted = {folder.name: folder for folder in folders}
-            known = set(wanted) | self.registry.names() | set(actual or {})
+            self._hide_unloaded(wanted)
+            wanted.update((folder.name, folder) for folder in api_folders)  # the API's name wins
+            known = (set(wanted) | self.registry.names() | set(actual or {})
+                     | set(self._hidden))
             for name in sorted(known):
                 job = self._work.get(name)
                 if job is not None:
@@ -107,6 +126,71 @@ class Reconciler:
                     continue
                 self._work[name] = _Job(asyncio.create_task(self._run(name, folder, actual)))
             self.passes += 1
+
+    async def converge(self, name: str, *, timeout: float) -> None:
+        """Pass after pass until no work on `name` is in flight or due (up to `timeout`): a
+        runtime API call answers with the outcome of the work it asked for."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            await self.sync()
+            job = self._work.get(name)
+            remaining = deadline - loop.time()
+            if job is None or remaining <= 0:
+                return
+            await asyncio.wait({job.task}, timeout=remaining)
+
+    def wake(self) -> None:
+        """Ask for a pass soon (the watcher runs it)."""
+        self._wake()
+
+    def _scan(self) -> tuple[list[AdapterFolder], list[AdapterFolder]]:
+        """The folders under NIM_PEFT_SOURCE, and the folders of adapters loaded through the API
+        (each re-read only when its files changed; confinement checked every time)."""
+        folders = self.scanner.scan()
+        known: dict[str, AdapterFolder] = {}
+        for name, path in sorted(self.intent.loaded.items()):
+            listing = list_folder(str(path))
+            old = self._api_known.get(name)
+            if (old is not None and old.path == path and old.fingerprint == listing.fingerprint
+                    and not old.pending):
+                folder = old
+            else:
+                folder = inspect_folder(path, limit=self.scanner.limit,
+                                        served_name=self.scanner.served_name, name=name,
+                                        _listing=listing)
+                folder = replace(folder, origin=Origin.API)
+            problem = outside_roots(str(path), self.api_roots)
+            if problem is not None:
+                folder = replace(folder, pending=False, problem=(
+                    f"{problem}; unload it, or add its folder to NIM_PEFT_API_ALLOWED_PATHS"))
+            known[name] = folder
+        self._api_known = known
+        return folders, list(known.values())
+
+    def _hide_unloaded(self, wanted: dict[str, AdapterFolder]) -> None:
+        """Take the folder adapters unloaded through the API out of `wanted` while their files
+        are the ones that were unloaded; forget the unload once they change or go."""
+        self._hidden = {}
+        lifted = False
+        for name, fingerprint in list(self.intent.unloaded.items()):
+            folder = wanted.get(name)
+            if folder is not None and folder.fingerprint == fingerprint:
+                self._hidden[name] = wanted.pop(name)
+                continue
+            del self.intent.unloaded[name]
+            lifted = True
+            log.info("adapter %s: its folder %s since it was unloaded through the API; "
+                     "the folder decides again", name, "changed" if folder else "is gone")
+        if lifted:
+            self._save_intent()
+
+    def _save_intent(self) -> None:
+        try:
+            self.intent.save()
+        except OSError as exc:
+            log.warning("cannot write %s (%s); a restart will not remember the last runtime "
+                        "API change", self.intent.file, exc.strerror or exc)
 
     async def wait_idle(self) -> None:
         """Wait until no per-name work is in flight."""
@@ -178,6 +262,8 @@ class Reconciler:
             return False  # backing off after a transient error
         stray = self._stray(name, state, actual)
         if folder is None:
+            if name in self._hidden:  # unloaded through the API: shown as such
+                return stray or state is None or state.record.state is not State.UNLOADED
             return state is not None or stray
         if stray and self._keeps_previous(state, folder):
             return True  # the backend holds what we do not serve: unload it
@@ -193,7 +279,8 @@ class Reconciler:
             return False  # refused: failed until its files change
         if not state.serving or self._lost(state, actual):
             return True  # not loaded; unloaded behind our back, lost in a restart, moved
-        return record.loaded_version != folder.fingerprint
+        # (an API load from another folder can bring files with the same fingerprint)
+        return record.loaded_version != folder.fingerprint or record.source != folder.path
 
     @staticmethod
     def _stray(name: str, state: AdapterState | None, actual: dict[str, str] | None) -> bool:
@@ -404,24 +491,38 @@ class Reconciler:
 
     async def _remove(self, name: str) -> None:
         state = self.registry.state(name)
+        hidden = self._hidden.get(name)
         if state is None:
+            if hidden is not None:
+                self.registry.track(name).unloaded_by_api(hidden)
             return
         path = state.record.loaded_path
         if path is None:
-            self.registry.drop(name)
+            self._forget(name)
             return
         # Closed first (new requests get 404), then drained, then unloaded; its snapshot stays
         # until nothing can need it any more (`_release`).
-        state.removing("folder removed")
+        why = ("unloaded through the API" if hidden is not None
+               or state.record.origin is Origin.API else "folder removed")
+        state.removing(why)
         async with self._gate(name, "unloading it, its files stay until they end"):
             reply = await self.backend.unload(self.client, name)
         if reply.outcome in (Outcome.DONE, Outcome.GONE):
-            self.registry.drop(name)
-            log.info("adapter %s: unloaded (folder removed)", name)
+            self._forget(name)
+            log.info("adapter %s: unloaded (%s)", name, why)
             self._count("unloads")
             await self._release(path)
         else:
             self._retry_later(state, reply.message)
+
+    def _forget(self, name: str) -> None:
+        """Drop `name`'s state, or show it unloaded when the API unloaded its folder."""
+        hidden = self._hidden.get(name)
+        state = self.registry.state(name)
+        if hidden is not None and state is not None:
+            state.unloaded_by_api(hidden)
+        else:
+            self.registry.drop(name)
 
     async def _release(self, path: Path) -> None:
         """A snapshot no adapter serves any more: deleted after its grace period, unused.

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters import Origin
+
 if TYPE_CHECKING:
     from .adapters import AdapterFolder
 
@@ -29,6 +31,9 @@ class State(enum.StrEnum):
     READY = "ready"
     FAILED = "failed"  # with a reason; stays failed until the folder's files change
     REMOVING = "removing"
+    UNLOADED = "unloaded"  # a folder adapter unloaded through the API: until its files change
+
+
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class AdapterRecord:
     size: int = 0
     reason: str = ""
     since: float = field(default_factory=time.time)
+    origin: Origin = Origin.FOLDER
 
     @property
     def servable(self) -> bool:
@@ -86,7 +92,7 @@ class AdapterState:
 
     def _describe(self, folder: AdapterFolder) -> dict[str, Any]:
         return {"source": folder.path, "version": folder.fingerprint, "rank": folder.rank,
-                "size": folder.size}
+                "size": folder.size, "origin": folder.origin}
 
     # ---- transitions ----
 
@@ -129,6 +135,13 @@ class AdapterState:
 
     def removing(self, reason: str) -> None:
         self._set(state=State.REMOVING, reason=reason)
+
+    def unloaded_by_api(self, folder: AdapterFolder) -> None:
+        """A folder adapter unloaded through the API: shown, not served, until its files
+        change."""
+        self._set(state=State.UNLOADED, loaded_path=None, loaded_version="",
+                  reason="unloaded through the API; change its folder's files, or load it "
+                  "through the API, to serve it again", **self._describe(folder))
 
     def note(self, reason: str) -> None:
         """Say why, without changing the state."""
@@ -221,17 +234,28 @@ class Traffic:
 
     def __init__(self) -> None:
         self._running: dict[str, int] = {}
+        self._waiting: dict[str, int] = {}  # requests held at a shut gate
         self._open: dict[str, asyncio.Event] = {}
         self._idle: dict[str, asyncio.Event] = {}
 
     def running(self, name: str) -> int:
         return self._running.get(name, 0)
 
+    def busy(self) -> tuple[list[str], list[str]]:
+        """The adapters with requests running, and those with requests held at their gate."""
+        return sorted(self._running), sorted(self._waiting)
+
     async def enter(self, name: str) -> None:
         """Wait for the gate, then count a request on `name` (pair with `leave`)."""
         gate = self._open.get(name)
         if gate is not None:
-            await gate.wait()
+            self._waiting[name] = self._waiting.get(name, 0) + 1
+            try:
+                await gate.wait()
+            finally:
+                left = self._waiting.pop(name) - 1
+                if left:
+                    self._waiting[name] = left
         self._running[name] = self._running.get(name, 0) + 1
         self._idle.setdefault(name, asyncio.Event()).clear()
 

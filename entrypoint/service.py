@@ -21,15 +21,17 @@ import httpx
 import uvicorn
 
 from . import __version__
-from .adapters import AdapterFolder, RankLimit, scan_source
+from .adapter_api import AdapterAPI
+from .adapters import AdapterFolder, RankLimit, inspect_folder, scan_source
 from .backends import Backend
 from .gateway import GatewayState, build_app
 from .hardware import detect_gpus
+from .intent import Intent
 from .launch import LaunchPlan, build_launch_plan, plan_backend, rank_limit
-from .metrics import Metrics
+from .metrics import LoraRequestsInfo, Metrics
 from .profiles import Profile, load_profiles, model_parameters, select_profile
-from .reconcile import Reconciler
-from .registry import AdapterRecord, Registry, State
+from .reconcile import DRAIN_SECS, LATE_SWAP_WATCH_SECS, Reconciler
+from .registry import AdapterRecord, Registry, State, Traffic
 from .settings import ConfigError, Settings
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotStore
 from .supervisor import BackendProcess, become_subreaper, reap_orphans
@@ -87,15 +89,25 @@ def choose_profile(
     )
 
 
+def intent_file(settings: Settings) -> Path:
+    """Where the runtime API's loads and unloads are kept: one file per public port."""
+    return (settings.cache_path.expanduser().resolve() / "adapter-api"
+            / f"port-{settings.server_port}.json")
+
+
 def judge_adapters(
     settings: Settings, backend: Backend
 ) -> tuple[tuple[AdapterFolder, ...], RankLimit]:
     """The folders under NIM_PEFT_SOURCE now, and the rank limit they give (NIM_MAX_LORA_RANK,
-    or derived from them), each folder judged against it. `serve` and `check-adapters` both
-    use this, so they agree on every folder."""
+    or derived from them and from the adapters kept from runtime API loads), each folder judged
+    against it. `serve` and `check-adapters` both use this, so they agree on every folder."""
     found = [] if settings.peft_source is None else scan_source(
         settings.peft_source, served_name=settings.served_name)
-    limit = rank_limit(settings, backend, found)
+    kept = []
+    if settings.api_enabled and intent_file(settings).exists():
+        kept = [inspect_folder(path, name=name) for name, path in
+                Intent.read(intent_file(settings)).loaded.items()]
+    limit = rank_limit(settings, backend, [*found, *kept])
     return tuple(limit.apply(folder) for folder in found), limit
 
 
@@ -208,7 +220,10 @@ class Service:
         self.plan = startup.plan
         self.host = host
         self.registry = Registry()
-        self.metrics = Metrics(self.registry)
+        self.traffic = Traffic()
+        lora_info = None if self.plan.backend.reports_lora_requests else LoraRequestsInfo(
+            self.traffic, self.settings.max_gpu_loras)
+        self.metrics = Metrics(self.registry, lora_info=lora_info)
         self.tasks: ServiceTasks | None = None
         self.process = BackendProcess(
             self.plan.argv, self.plan.env, label=self.plan.backend.name,
@@ -232,6 +247,7 @@ class Service:
             metadata=self.describe(),
             metrics=self.metrics,
             api_keys=self.plan.api_keys,
+            traffic=self.traffic,
         )
         self.snapshots = snapshots
         self.reconciler: Reconciler | None = None
@@ -248,12 +264,22 @@ class Service:
                 served_name=self.settings.served_name,
                 rank_limit=self.plan.rank_limit,
                 snapshots=snapshots,
-                traffic=self.gateway.traffic,
+                traffic=self.traffic,
                 metrics=self.metrics,
                 wake=self._poke_watcher,
+                intent=Intent.read(intent_file(self.settings)) if self.settings.api_enabled
+                else None,
+                api_roots=self.settings.api_roots,
             )
             self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync,
                                          events=self.settings.peft_watch_events)
+        self.gateway.api = AdapterAPI(
+            registry=self.registry, served_name=self.settings.served_name, source=source,
+            reconciler=self.reconciler if self.settings.api_enabled else None,
+            # a load may wait for requests to drain, then for the call and a late swap
+            timeout=DRAIN_SECS + 2 * self.settings.peft_api_timeout_secs + LATE_SWAP_WATCH_SECS,
+            off="NIM_PEFT_API_ENABLED=false" if self.settings.dynamic else
+            "static mode (set NIM_PEFT_REFRESH_INTERVAL to manage adapters at runtime)")
 
     def _poke_watcher(self) -> None:
         if self.watcher is not None:

@@ -116,6 +116,19 @@ class Settings(BaseSettings):
     passthrough_args: str | None = Field(
         default=None, description="Extra backend arguments, appended verbatim (shell quoting)."
     )
+    peft_api_enabled: bool = Field(
+        default=True,
+        description="(ours) In dynamic mode, the public port also takes runtime adapter calls "
+        "in vLLM's form (`POST /v1/load_lora_adapter`, `/v1/unload_lora_adapter`) and SGLang's "
+        "(`POST /load_lora_adapter`, `/unload_lora_adapter`), as NIM does. Set false to manage "
+        "adapters through the folder only.",
+    )
+    peft_api_allowed_paths: str | None = Field(
+        default=None,
+        description="(ours) Colon-separated folders that runtime API loads may read adapters "
+        "from, besides NIM_PEFT_SOURCE; a `lora_path` that resolves (links and `..` resolved) "
+        "anywhere else gets a 403.",
+    )
     peft_api_timeout_secs: float = Field(
         default=30.0, description="Timeout of one adapter load or unload call, in seconds."
     )
@@ -149,7 +162,7 @@ class Settings(BaseSettings):
 
     # ---- field checks: messages are completed with the variable name by `load_settings` ----
 
-    @field_validator("jsonl_logging", "peft_watch_events", mode="before")
+    @field_validator("jsonl_logging", "peft_watch_events", "peft_api_enabled", mode="before")
     @classmethod
     def _bool(cls, value: Any) -> bool:
         return _parse_bool(value)
@@ -234,6 +247,19 @@ class Settings(BaseSettings):
         return self.peft_source is not None and self.peft_refresh_interval is not None
 
     @property
+    def api_enabled(self) -> bool:
+        """The runtime adapter API answers (dynamic mode and NIM_PEFT_API_ENABLED)."""
+        return self.dynamic and self.peft_api_enabled
+
+    @property
+    def api_roots(self) -> tuple[Path, ...]:
+        """The folders runtime API loads may read from: NIM_PEFT_SOURCE, then
+        NIM_PEFT_API_ALLOWED_PATHS, each with its links resolved."""
+        listed = [Path(p) for p in (self.peft_api_allowed_paths or "").split(":") if p.strip()]
+        roots = [self.peft_source, *listed] if self.peft_source is not None else listed
+        return tuple(Path(os.path.realpath(root.expanduser())) for root in roots)
+
+    @property
     def served_name(self) -> str:
         return self.served_model_name or self.model_name or ""
 
@@ -298,6 +324,12 @@ class Settings(BaseSettings):
                 raise ConfigError(
                     f"NIM_PEFT_SOURCE={self.peft_source}: is a file, not a folder; point it at "
                     "the folder that holds one sub-folder per adapter"
+                )
+        for allowed in (self.peft_api_allowed_paths or "").split(":"):
+            if allowed.strip() and not Path(allowed).is_absolute():
+                raise ConfigError(
+                    f"NIM_PEFT_API_ALLOWED_PATHS={self.peft_api_allowed_paths}: {allowed!r} is "
+                    "not an absolute path; list absolute folders separated by ':'"
                 )
         if self.peft_refresh_interval is not None and self.peft_source is None:
             raise ConfigError(

@@ -141,12 +141,48 @@ def test_bad_bodies_never_reach_the_backend(upstream, kwargs, status, message):
     assert message in reply.json()["error"]["message"]
 
 
-def test_admin_and_unknown_routes_are_404(upstream):
+ADMIN_ROUTES = [("POST", "/adapters"), ("DELETE", "/adapters/alpha"), ("POST", "/invocations"),
+                ("POST", "/reset_prefix_cache"), ("POST", "/sleep"), ("POST", "/wake_up"),
+                ("POST", "/collective_rpc"), ("POST", "/start_profile"),
+                ("POST", "/update_weights"), ("POST", "/scale_elastic_ep"),
+                ("POST", "/inference/v1/generate"), ("POST", "/pause"), ("GET", "/nope")]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+def test_backend_admin_routes_stay_closed(upstream, method, path):
+    """The stand-in answers every one of these with 200 "admin route reached"; through the
+    public port each is a 404 that never reaches it (an allowlist: unknown routes are closed)."""
+    assert httpx.request(method, upstream + path, json={}).text == "Success: admin route reached" \
+        or path == "/nope"
+    body = {"lora_name": "x", "lora_path": "/etc", "model": "alpha", "prompt": "p"}
+    reply = run(make_state(upstream), method, path, json=body)
+    assert reply.status_code == 404 and reply.json()["error"]["type"] == "NotFoundError"
+    assert "reached" not in reply.text
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/embeddings", "/tokenize", "/detokenize",
+                                  "/v1/messages", "/v1/rerank", "/pooling", "/classify"])
+@pytest.mark.parametrize("backend", [VLLMBackend(), SGLangBackend()], ids=["vllm", "sglang"])
+def test_user_routes_are_forwarded_with_the_model_name_translated(upstream, path, backend):
     state = make_state(upstream)
-    for method, path in (("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"),
-                         ("GET", "/metrics"), ("GET", "/health"), ("GET", "/nope")):
-        reply = run(state, method, path, json={"lora_name": "x", "lora_path": "/etc"})
-        assert reply.status_code == 404 and reply.json()["error"]["type"] == "NotFoundError"
+    state.backend = backend
+    reply = run(state, "POST", path, json={"model": "alpha", "input": "hi"})
+    assert reply.status_code == 200
+    assert reply.json()["model"] == backend.request_model("tiny", "alpha")
+    assert run(state, "POST", path, json={"model": "big", "input": "hi"}).status_code == 404
+    assert run(state, "POST", path, json={"input": "hi"}).json()["model"] is None  # base
+
+
+def test_plain_routes_are_forwarded_and_the_api_is_off_without_a_reconciler(upstream):
+    state = make_state(upstream)
+    assert run(state, "GET", "/version").json() == {"version": "0.0-fake"}
+    assert run(state, "GET", "/health").status_code == 200
+    assert run(state, "GET", "/v1/responses/resp_1").json()["id"] == "resp_1"
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        reply = run(state, "POST", path, json={"lora_name": "x", "lora_path": "/etc"})
+        assert reply.status_code == 404 and "API is off" in reply.json()["error"]["message"]
+    reply = run(state, "POST", "/load_lora_adapter", json={"lora_name": "x", "lora_path": "/e"})
+    assert reply.status_code == 404 and reply.json()["success"] is False
 
 
 def test_backend_down_is_a_502_and_slow_is_a_504(upstream):

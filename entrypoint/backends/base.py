@@ -69,6 +69,8 @@ class Backend(ABC):
     readiness_path: ClassVar[str] = "/health"
     #: the engine's own Prometheus metrics, appended to `/v1/metrics`
     metrics_path: ClassVar[str] = "/metrics"
+    #: the engine's metrics include vLLM's `vllm:lora_requests_info` (else the gateway makes it)
+    reports_lora_requests: ClassVar[bool] = False
     #: Python distributions that provide the engine, in order of preference
     packages: ClassVar[tuple[str, ...]] = ()
 

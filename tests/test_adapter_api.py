@@ -1,0 +1,246 @@
+"""The runtime adapter API over the reconciler and a scripted backend: confinement, the same
+validation as folders, the watcher and the API not fighting, intent kept across a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from entrypoint.adapter_api import AdapterAPI
+from entrypoint.adapters import Origin, RankLimit
+from entrypoint.intent import Intent
+from entrypoint.reconcile import Reconciler
+from entrypoint.registry import Registry, State
+from tests.conftest import copy_adapter, edit_config
+from tests.test_reconcile import ScriptedBackend
+
+
+class World:
+    """A source folder, an allowed folder, a folder outside both, and a service's parts."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.source = tmp / "loras"
+        self.allowed = tmp / "allowed"
+        self.outside = tmp / "outside"
+        for folder in (self.source, self.allowed, self.outside):
+            folder.mkdir()
+        self.file = tmp / "cache" / "adapter-api" / "port-8000.json"
+        self.backend = ScriptedBackend()
+        self.start()
+
+    def start(self) -> None:
+        """A (re)started entrypoint: fresh registry, the intent read back from its file."""
+        self.registry = Registry()
+        self.reconciler = Reconciler(
+            backend=self.backend, client=httpx.AsyncClient(), registry=self.registry,
+            source=self.source, served_name="tiny", rank_limit=RankLimit(16),
+            intent=Intent.read(self.file), api_roots=(self.source, self.allowed))
+        self.api = AdapterAPI(registry=self.registry, served_name="tiny", source=self.source,
+                              reconciler=self.reconciler, timeout=10)
+
+    async def settle(self, passes: int = 1) -> None:
+        for _ in range(passes):
+            await self.reconciler.sync()
+            await self.reconciler.wait_idle()
+
+    def kept(self) -> dict:
+        return json.loads(self.file.read_text()) if self.file.exists() else {}
+
+
+@pytest.fixture
+def world(tmp_path) -> World:
+    return World(tmp_path)
+
+
+def test_paths_outside_the_allowed_folders_get_a_403_naming_them(world, library):
+    copy_adapter(library / "alpha", world.outside / "alpha")
+    (world.source / "link-out").symlink_to(world.outside / "alpha")
+    inside = world.allowed / "sneaky"
+    copy_adapter(library / "alpha", inside)
+    (inside / "adapter_model.safetensors").unlink()
+    (inside / "adapter_model.safetensors").symlink_to(
+        world.outside / "alpha" / "adapter_model.safetensors")
+
+    async def scenario():
+        for path in (str(world.outside / "alpha"),  # absolute, outside
+                     f"{world.source}/../outside/alpha",  # `..` out of the source
+                     str(world.source / "link-out"),  # a link in the source leading out
+                     str(inside)):  # a folder inside whose weights are a link out
+            answer = await world.api.load("evil", path)
+            assert answer.status == 403, (path, answer)
+            assert str(world.source) in answer.message and str(world.allowed) in answer.message
+            assert "NIM_PEFT_API_ALLOWED_PATHS" in answer.message
+        answer = await world.api.load("evil", "alpha")
+        assert answer.status == 400 and "absolute path" in answer.message
+        assert world.backend.calls == [] and world.registry.get("evil") is None
+        assert world.kept() == {}
+
+    asyncio.run(scenario())
+
+
+def test_an_api_adapter_is_served_validated_and_never_unloaded_by_a_scan(world, library):
+    copy_adapter(library / "alpha", world.allowed / "sql-v1")
+    copy_adapter(library / "beta", world.source / "beta")
+
+    async def scenario():
+        await world.settle()
+        answer = await world.api.load("sql", str(world.allowed / "sql-v1"))
+        assert answer.ok and answer.message == "Success: LoRA adapter 'sql' added successfully."
+        record = world.registry.get("sql")
+        assert record.origin is Origin.API and record.servable
+        assert record.source == world.allowed / "sql-v1"
+        assert world.kept()["loaded"] == {"sql": str(world.allowed / "sql-v1")}
+        calls = list(world.backend.calls)
+        await world.settle(passes=5)  # the folder has no "sql": no scan unloads it
+        assert world.backend.calls == calls and "sql" in world.backend.served
+        again = await world.api.load("sql", str(world.allowed / "sql-v1"))
+        assert again.status == 400 and "already been loaded" in again.message
+        # A second name for the same files is another adapter; the base model's name is not.
+        assert (await world.api.load("tiny", str(world.allowed / "sql-v1"))).status == 400
+        assert (await world.api.load("bad name", str(world.allowed / "sql-v1"))).status == 400
+
+    asyncio.run(scenario())
+
+
+def test_api_loads_get_the_folder_checks_and_failures_leave_nothing(world, library):
+    copy_adapter(library / "alpha", world.allowed / "big")
+    edit_config(world.allowed / "big", r=64)
+    copy_adapter(library / "alpha", world.allowed / "half")
+    (world.allowed / "half" / "adapter_model.safetensors").unlink()
+    copy_adapter(library / "alpha", world.allowed / "fine")
+
+    async def scenario():
+        big = await world.api.load("big", str(world.allowed / "big"))
+        assert big.status == 400 and "rank 64 is above" in big.message
+        half = await world.api.load("half", str(world.allowed / "half"))
+        assert half.status == 400 and "incomplete" in half.message
+        missing = await world.api.load("gone", str(world.allowed / "nothing-here"))
+        assert missing.status == 400 and "cannot be listed" in missing.message
+        world.backend.refuse.add("fine")
+        refused = await world.api.load("fine", str(world.allowed / "fine"))
+        assert refused.status == 400 and "bad tensors" in refused.message
+        world.backend.refuse.clear()
+        world.backend.down = True
+        down = await world.api.load("fine", str(world.allowed / "fine"))
+        assert down.status == 503 and "will be retried" in down.message
+        world.backend.down = False
+        await asyncio.sleep(0.6)
+        await world.settle(passes=2)
+        assert world.kept()["loaded"] == {}  # nothing failed is kept ...
+        assert world.registry.records() == []  # ... or shown
+        assert world.backend.served == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_folder_adapter_unloaded_by_the_api_stays_unloaded_until_its_folder_changes(
+        world, library):
+    copy_adapter(library / "alpha", world.source / "alpha")
+
+    async def scenario():
+        await world.settle()
+        answer = await world.api.unload("alpha")
+        assert answer.ok and "removed successfully" in answer.message
+        assert "alpha" not in world.backend.served
+        await world.settle(passes=5)  # NIM's watcher would load it again here; this one not
+        record = world.registry.get("alpha")
+        assert record.state is State.UNLOADED and "alpha" not in world.backend.served
+        assert "unloaded through the API" in record.reason
+        assert world.kept()["unloaded"] == {"alpha": record.version}
+        assert (await world.api.unload("alpha")).status == 404  # not loaded: vLLM's 404
+        world.start()  # a restart remembers it
+        await world.settle(passes=2)
+        assert world.registry.get("alpha").state is State.UNLOADED
+        assert "alpha" not in world.backend.served
+        (world.source / "alpha" / "README.md").write_text("retrained")
+        await world.settle()
+        assert world.registry.get("alpha").state is State.READY
+        assert world.kept()["unloaded"] == {}
+
+    asyncio.run(scenario())
+
+
+def test_loading_a_folder_adapter_from_its_own_folder_undoes_an_api_unload(world, library):
+    copy_adapter(library / "alpha", world.source / "alpha")
+    copy_adapter(library / "beta", world.allowed / "other")
+
+    async def scenario():
+        await world.settle()
+        conflict = await world.api.load("alpha", str(world.allowed / "other"))
+        assert conflict.status == 400 and "folder named 'alpha'" in conflict.message
+        assert (await world.api.unload("alpha")).ok
+        answer = await world.api.load("alpha", str(world.source / "alpha"))
+        assert answer.ok and world.registry.get("alpha").state is State.READY
+        assert world.registry.get("alpha").origin is Origin.FOLDER
+        assert "alpha" in world.backend.served and world.kept()["unloaded"] == {}
+
+    asyncio.run(scenario())
+
+
+def test_api_adapters_survive_a_restart_and_unload_forgets_them(world, library):
+    copy_adapter(library / "alpha", world.allowed / "a1")
+
+    async def scenario():
+        assert (await world.api.load("sql", str(world.allowed / "a1"))).ok
+        world.backend.served.clear()  # the backend restarted with the entrypoint
+        world.start()
+        await world.settle()
+        assert world.registry.get("sql").servable and "sql" in world.backend.served
+        assert world.registry.get("sql").origin is Origin.API
+        answer = await world.api.unload("sql")
+        assert answer.ok and "sql" not in world.backend.served
+        assert world.registry.get("sql") is None and world.kept()["loaded"] == {}
+        assert (await world.api.unload("sql")).status == 404
+
+    asyncio.run(scenario())
+
+
+def test_load_inplace_swaps_an_api_adapter_to_a_new_folder(world, library):
+    copy_adapter(library / "alpha", world.allowed / "v1")
+    copy_adapter(library / "beta", world.allowed / "v2")
+
+    async def scenario():
+        assert (await world.api.load("sql", str(world.allowed / "v1"))).ok
+        first = world.backend.served["sql"]
+        answer = await world.api.load("sql", str(world.allowed / "v2"), replace=True)
+        assert answer.ok and world.backend.served["sql"] != first
+        assert world.registry.get("sql").source == world.allowed / "v2"
+        assert world.kept()["loaded"] == {"sql": str(world.allowed / "v2")}
+
+    asyncio.run(scenario())
+
+
+def test_an_api_adapter_whose_folder_leaves_the_allowed_folders_keeps_its_served_version(
+        world, library, tmp_path):
+    copy_adapter(library / "alpha", world.allowed / "a1")
+
+    async def scenario():
+        assert (await world.api.load("sql", str(world.allowed / "a1"))).ok
+        shutil.move(world.allowed / "a1", world.outside / "a1")
+        os.symlink(world.outside / "a1", world.allowed / "a1")
+        await world.settle()
+        record = world.registry.get("sql")
+        assert record.servable and "outside the folders" in record.reason
+        world.start()  # after a restart it is not loaded from there
+        world.backend.served.clear()
+        await world.settle()
+        record = world.registry.get("sql")
+        assert record.state is State.FAILED and "NIM_PEFT_API_ALLOWED_PATHS" in record.reason
+        assert "sql" not in world.backend.served
+
+    asyncio.run(scenario())
+
+
+def test_an_unreadable_intent_file_is_set_aside(world, library):
+    world.file.parent.mkdir(parents=True)
+    world.file.write_text("{not json")
+    world.start()
+    assert world.reconciler.intent.loaded == {}
+    assert world.file.with_name(world.file.name + ".bad").exists()
