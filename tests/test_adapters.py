@@ -284,9 +284,9 @@ def test_empty_folder_is_pending_and_a_vanished_one_is_not_failed(library, sourc
     (source / "empty").mkdir()
     assert inspect_folder(source / "empty").pending
     folder = copy_adapter(library / "alpha", source / "gone")
-    from entrypoint.adapters import _list_folder
+    from entrypoint.adapters import list_folder
 
-    listing = _list_folder(str(folder))
+    listing = list_folder(str(folder))
     shutil.rmtree(folder)  # removed between listing and reading
     found = inspect_folder(folder, _listing=listing)
     assert found.pending and not found.valid
