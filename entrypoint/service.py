@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 from collections.abc import Callable, Iterator, Mapping
@@ -90,9 +91,10 @@ def choose_profile(
 
 
 def intent_file(settings: Settings) -> Path:
-    """Where the runtime API's loads and unloads are kept: one file per public port."""
-    return (settings.cache_path.expanduser().resolve() / "adapter-api"
-            / f"port-{settings.server_port}.json")
+    """Where the runtime API's loads and unloads are kept: one file per served model name
+    (a restart on another port or host keeps them; two models can share one cache)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", settings.served_name).lstrip(".") or "model"
+    return settings.cache_path.expanduser().resolve() / "adapter-api" / f"{name}.json"
 
 
 def judge_adapters(

@@ -205,11 +205,11 @@ class Server:
                                   headers=headers, only=[name])
 
     def wait_unlisted(self, names: Iterable[str], timeout: float = 30.0,
-                      stable: float = 0.0) -> float:
+                      stable: float = 0.0, headers: dict[str, str] | None = None) -> float:
         """Wait until `/v1/adapters` lists none of `names`."""
         names = list(names)
         return self.wait_adapters(lambda listing: not set(names) & listing.keys(),
-                                  timeout=timeout, stable=stable, only=names,
+                                  timeout=timeout, stable=stable, only=names, headers=headers,
                                   what=f"{', '.join(names)} no longer listed")
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import copy_adapter, edit_config
 from tests.e2e.server import (
@@ -133,6 +135,64 @@ def test_changed_weights_are_unloaded_then_loaded(server, tmp, own, library):
         json.loads, (tmp / "sglang-requests.jsonl").read_text().splitlines())
         if e["path"] in ("/load_lora_adapter", "/unload_lora_adapter")]
     assert calls[-2:] == [("/unload_lora_adapter", name), ("/load_lora_adapter", name)]
+
+
+def test_runtime_api_in_both_forms_on_sglang(server, tmp, source, library):
+    store = source / ".store"  # under NIM_PEFT_SOURCE (allowed), hidden from the watcher
+    copy_adapter(library / "beta", store / "s-api")
+    reply = server.http.post("/load_lora_adapter", json={
+        "lora_name": "s-api", "lora_path": str(store / "s-api"), "pinned": False})
+    assert reply.status_code == 200 and reply.json()["success"] is True
+    assert reply.json()["loaded_adapters"]["s-api"] == str(store / "s-api")
+    sent = seen_by_sglang(tmp, "/load_lora_adapter")[-1]
+    assert sent["lora_name"] == "s-api" and "/snapshots/" in sent["lora_path"]  # a snapshot
+    assert server.complete("s-api") == server.complete("tiny:s-api") != server.complete("tiny")
+    assert server.adapters()["s-api"]["origin"] == "api"
+    again = server.http.post("/load_lora_adapter", json={
+        "lora_name": "s-api", "lora_path": str(store / "s-api")})
+    assert again.status_code == 400 and "already loaded" in again.json()["error_message"]
+    reply = server.http.post("/v1/unload_lora_adapter", json={"lora_name": "s-api"})
+    assert reply.status_code == 200 and "removed successfully" in reply.text
+    assert {"lora_name": "s-api"} in seen_by_sglang(tmp, "/unload_lora_adapter")
+    with pytest.raises(openai.NotFoundError):
+        server.complete("tiny:s-api")
+    outside = tmp / "outside-store"
+    copy_adapter(library / "beta", outside / "x")
+    for route in ("/load_lora_adapter", "/v1/load_lora_adapter"):
+        reply = server.http.post(route, json={"lora_name": "x", "lora_path": str(outside / "x")})
+        assert reply.status_code == 403 and str(source) in reply.text
+
+
+def test_lora_series_for_llm_d_made_from_what_the_entrypoint_sees(server):
+    """SGLang has no `vllm:lora_requests_info`; the entrypoint makes it, so an llm-d endpoint
+    picker can route by LoRA affinity on SGLang pods too."""
+    first_chunk, scraped = threading.Event(), threading.Event()
+
+    def stream() -> None:
+        chunks = server.openai.completions.create(model="alpha", prompt="Hi", max_tokens=400,
+                                                  stream=True)
+        for _ in chunks:
+            first_chunk.set()
+            scraped.wait(30)
+        chunks.close()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        assert first_chunk.wait(30)
+        text = server.http.get("/metrics").text
+    finally:
+        scraped.set()
+        thread.join(30)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (sample,) = families["vllm:lora_requests_info"].samples
+    assert sample.labels == {"max_lora": "8", "running_lora_adapters": "alpha",
+                             "waiting_lora_adapters": ""}
+    assert abs(sample.value - time.time()) < 30  # a timestamp, as vLLM's
+    loaded = {s.labels["adapter"] for s in families["lora_adapter_loaded"].samples}
+    assert "alpha" in loaded
+    idle = {f.name: f for f in text_string_to_metric_families(server.http.get("/metrics").text)}
+    assert idle["vllm:lora_requests_info"].samples[0].labels["running_lora_adapters"] == ""
 
 
 def test_sigterm_stops_everything(server):
