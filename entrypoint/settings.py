@@ -150,8 +150,9 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("vllm_api_key", "VLLM_API_KEY"),
         description="(vLLM's) With it (or `--api-key` in NIM_PASSTHROUGH_ARGS, on either "
-        "backend) the public port requires `Authorization: Bearer <key>` on every /v1 route but "
-        "/v1/health/*, as vLLM does, and the entrypoint uses the key for its own calls.",
+        "backend) the public port requires `Authorization: Bearer <key>` on every route but the "
+        "probes (/v1/health/*, /health), /version and /metrics, and the entrypoint uses the key "
+        "for its own calls.",
     )
     vllm_plugins: str | None = Field(
         default=None,
