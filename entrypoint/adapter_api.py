@@ -157,7 +157,7 @@ class AdapterAPI:
         else:
             fingerprint = intent.unloaded.pop(name)
             try:
-                await asyncio.to_thread(intent.save)
+                intent.save()
             except OSError as exc:
                 intent.unloaded[name] = fingerprint
                 return self._cannot_save(exc)
@@ -192,9 +192,9 @@ class AdapterAPI:
                 record.servable or record.state is State.REMOVING):
             intent.unloaded[name] = record.version
             try:
-                await asyncio.to_thread(intent.save)
+                intent.save()
             except OSError as exc:
-                del intent.unloaded[name]
+                intent.unloaded.pop(name, None)
                 return self._cannot_save(exc)
         else:
             return Answer.error(404, f"The lora adapter '{name}' cannot be found.")
@@ -213,7 +213,7 @@ class AdapterAPI:
         assert self.reconciler is not None
         intent = self.reconciler.intent
         try:
-            await asyncio.to_thread(intent.save)
+            intent.save()
             return None
         except OSError as exc:
             if previous is None:
@@ -236,7 +236,7 @@ class AdapterAPI:
         else:
             intent.loaded[name] = previous
         try:
-            await asyncio.to_thread(intent.save)
+            intent.save()
         except OSError as exc:
             log.warning("cannot write %s (%s)", intent.file, exc.strerror or exc)
         await self.reconciler.converge(name, timeout=self.timeout)  # nothing of it stays

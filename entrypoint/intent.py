@@ -49,7 +49,8 @@ class Intent:
 
     def save(self) -> None:
         """Write the requests (atomically: a crash leaves the old file or the new one).
-        Raises OSError when the file cannot be written."""
+        Raises OSError when the file cannot be written. Called on the event loop, never in a
+        thread: the file is small, and the dicts are only changed there."""
         if self.file is None:
             return
         data = {"version": VERSION, "loaded": {k: str(v) for k, v in sorted(self.loaded.items())},

@@ -1,11 +1,14 @@
-"""A long seeded random run of folder operations, backend faults and requests, against the real
-reconciler, scanner, snapshots and gate, with a fake backend (seconds, thousands of operations).
+"""A long seeded random run of folder operations, runtime API calls, backend faults and requests,
+against the real reconciler, scanner, snapshots, gate and adapter API, with a fake backend
+(seconds, thousands of operations).
 
 After each quiet period it checks what a user would notice: every valid folder is served with
 exactly its current weights; nothing removed or never valid is served; a folder whose new files
 are invalid keeps serving a version it really had. All along it checks what would break a real
 backend: no weights swapped or unloaded under a running request, no path loaded that does not
-exist, no path deleted while a request that used it runs.
+exist, no path deleted while a request that used it runs. The API's decisions hold: an adapter
+loaded through the API is served with its folder's weights whatever the scans do, one unloaded is
+gone, and a folder adapter unloaded through the API stays unloaded until its files change.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ import pytest
 
 from entrypoint import reconcile as reconcile_module
 from entrypoint import registry as registry_module
+from entrypoint.adapter_api import AdapterAPI
 from entrypoint.adapters import RankLimit, inspect_folder
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
+from entrypoint.intent import Intent
 from entrypoint.reconcile import Reconciler
-from entrypoint.registry import Registry
+from entrypoint.registry import Registry, State
 from entrypoint.snapshots import SnapshotStore
 from tests.chaos_ops import CONFIG, FOLDER_CHANGES, WEIGHTS, change_folder
 
 NAMES = ("c-one", "c-two", "c-three", "c-four", "c-five")
+API_NAMES = ("a-one", "a-two")
+STORE = ("alpha", "beta", "gamma", "big")  # folders API loads read from (big: rank 64, refused)
 
 
 class ChaosBackend(VLLMBackend):
@@ -98,10 +105,18 @@ class Chaos:
         self.config = (library / "alpha" / CONFIG).read_text()
         self.registry = Registry()
         self.snapshots = SnapshotStore(tmp / "cache", grace=0.02)
+        self.store = tmp / "store"
+        for name in STORE:
+            shutil.copytree(library / name, self.store / name)
         self.reconciler = Reconciler(
             backend=VLLMBackend(), client=httpx.AsyncClient(), registry=self.registry,
             source=self.source, served_name="tiny", rank_limit=RankLimit(16),
-            snapshots=self.snapshots)
+            snapshots=self.snapshots, intent=Intent(file=tmp / "intent.json"),
+            api_roots=(self.source, self.store))
+        self.api = AdapterAPI(registry=self.registry, served_name="tiny", source=self.source,
+                              reconciler=self.reconciler, timeout=5)
+        self.calls: list[asyncio.Task] = []
+        self.answers: Counter = Counter()
         self.backend = ChaosBackend(self.rng, self.reconciler.traffic)
         self.reconciler.backend = self.backend
         self.reconciler._wake = lambda: None  # the test decides when passes run
@@ -123,7 +138,8 @@ class Chaos:
         folder = self.source / name
         weights = self.rng.choice(self.weights)
         kind = self.rng.choice(["rename", "rename", "slow", "replace", "replace", "remove",
-                                "truncate", "json", "hostile", "fault", "behind", "calm"])
+                                "truncate", "json", "hostile", "fault", "behind", "calm",
+                                "api-load", "api-unload", "api-unload", "api-own"])
         self.ops[kind] += 1
         if kind in FOLDER_CHANGES:
             change_folder(kind, self.source, name, weights=weights, config=self.config,
@@ -141,12 +157,26 @@ class Chaos:
             self.backend.faults["unloaded behind our back"] += 1
         elif kind == "calm":
             self.backend.fail_rate = 0.0
+        elif kind == "api-load":
+            path = str(self.store / self.rng.choice(STORE))
+            self._call(self.api.load(self.rng.choice(API_NAMES), path,
+                                     replace=self.rng.random() < 0.5))
+        elif kind == "api-unload":
+            self._call(self.api.unload(self.rng.choice(API_NAMES + NAMES)))
+        elif kind == "api-own":  # a folder adapter loaded through the API from its own folder
+            self._call(self.api.load(name, str(folder)))
         if kind != "slow" and getattr(self, "pending_rest", None):
             rest_folder, rest = self.pending_rest
             if rest_folder.is_dir() and (rest_folder / WEIGHTS).is_file():
                 (rest_folder / WEIGHTS).write_bytes(rest)
             self.pending_rest = None
         self._remember()
+
+    def _call(self, call) -> None:
+        async def answer() -> None:
+            self.answers[(await call).status] += 1
+
+        self.calls.append(asyncio.ensure_future(answer()))
 
     def _remember(self) -> None:
         for name in NAMES:
@@ -182,8 +212,9 @@ class Chaos:
 
     async def quiet(self) -> None:
         self.backend.fail_rate = 0.0
-        await asyncio.gather(*self.requests)
+        await asyncio.gather(*self.requests, *self.calls)
         self.requests.clear()
+        self.calls.clear()
         for _ in range(40):  # passes until nothing changes (retries back off a little)
             await self.reconciler.sync()
             await self.reconciler.wait_idle()
@@ -192,7 +223,25 @@ class Chaos:
 
     def check(self) -> None:
         self.checks += 1
+        intent = self.reconciler.intent
+        for name in API_NAMES:
+            served = self.backend.served.get(name)
+            wanted = intent.loaded.get(name)
+            if wanted is None:
+                if served is not None or self.registry.get(name) is not None:
+                    self.violations.append(f"{name}: unloaded through the API but still there")
+            elif served is None or (Path(served) / WEIGHTS).read_bytes() != (
+                    wanted / WEIGHTS).read_bytes():
+                self.violations.append(f"{name}: loaded through the API from {wanted.name} but "
+                                       f"not served with its weights ({served})")
+        for name in intent.unloaded:
+            record = self.registry.get(name)
+            if name in self.backend.served or record is None or record.state is not State.UNLOADED:
+                self.violations.append(f"{name}: unloaded through the API, yet served or not "
+                                       f"shown unloaded ({record})")
         for name in NAMES:
+            if name in intent.unloaded:
+                continue
             folder = self.source / name
             served = self.backend.served.get(name)
             record = self.registry.get(name)
@@ -242,7 +291,9 @@ def test_chaos_with_a_fake_backend(library, tmp_path, monkeypatch, seed):
     asyncio.run(run())
     report = {"operations": sum(chaos.ops.values()), "by kind": dict(chaos.ops),
               "faults": dict(chaos.backend.faults), "checks": chaos.checks,
+              "api answers": dict(chaos.answers),
               "violations": len(chaos.violations)}
     print(json.dumps(report))
     assert not chaos.violations, chaos.violations[:10]
     assert chaos.checks >= 30 and sum(chaos.backend.faults.values()) > 100
+    assert chaos.answers[200] > 50 and chaos.answers[400] > 10  # the API was really exercised
