@@ -59,7 +59,7 @@ class AdapterAPI:
         self.source = source
         self.reconciler = reconciler
         self.timeout = timeout
-        self.off = off if reconciler is None or off else None
+        self.off = off
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # per name: lock, its users
 
     @property

@@ -54,3 +54,29 @@ def test_readiness_follows_backend_health_and_the_adapter_loop(monkeypatch, tiny
         "vllm does not answer its health check",
         "stopping",
     ]
+
+
+def test_the_runtime_api_is_on_in_dynamic_mode_unless_turned_off(monkeypatch, tiny_model,
+                                                                  tmp_path):
+    source = tmp_path / "loras"
+    source.mkdir()
+    monkeypatch.setenv("NIM_MODEL_NAME", str(tiny_model))
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(source))
+    monkeypatch.setenv("NIM_CACHE_PATH", str(tmp_path / "cache"))
+
+    def off_reason(**env: str) -> str | None:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+
+        async def build() -> str | None:
+            service = Service(resolve(load_settings(), backend_port=1, dry_run=True))
+            await service.client.aclose()
+            api = service.gateway.api
+            assert api is not None
+            return None if api.refusal() is None else api.refusal().message
+
+        return asyncio.run(build())
+
+    assert "static mode" in off_reason()
+    assert off_reason(NIM_PEFT_REFRESH_INTERVAL="5") is None
+    assert "NIM_PEFT_API_ENABLED=false" in off_reason(NIM_PEFT_API_ENABLED="false")

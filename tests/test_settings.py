@@ -120,3 +120,18 @@ def test_a_model_the_user_cannot_read_is_one_line_with_the_fix(monkeypatch, tiny
         assert str(info.value) == (
             f"NIM_MODEL_NAME={model}: model.safetensors cannot be read by this user (uid 65534); "
             "make the model readable (chmod -R a+rX) or run as its owner (docker run -u UID:GID)")
+
+
+def test_api_allowed_paths_are_absolute_and_resolved(monkeypatch, model_dir, tmp_path):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(model_dir))
+    source, store = tmp_path / "loras", tmp_path / "store"
+    source.mkdir()
+    store.mkdir()
+    (tmp_path / "link").symlink_to(store)
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(source))
+    monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", f"{tmp_path / 'link'}::/models/x")
+    assert load_settings().api_roots == (source.resolve(), store.resolve(), Path("/models/x"))
+    monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", "/models:relative/store")
+    with pytest.raises(ConfigError, match=r"^NIM_PEFT_API_ALLOWED_PATHS=.*'relative/store' is "
+                       "not an absolute path"):
+        load_settings()
