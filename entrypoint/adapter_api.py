@@ -17,7 +17,14 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import NAME_PATTERN, Origin, display_name, inspect_folder, outside_roots
+from .adapters import (
+    Origin,
+    display_name,
+    inspect_folder,
+    list_folder,
+    name_problem,
+    outside_roots,
+)
 from .reconcile import Reconciler
 from .registry import Registry, State
 
@@ -36,7 +43,8 @@ class Answer:
     @classmethod
     def error(cls, status: int, message: str) -> Answer:
         kinds = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
-                 500: "InternalServerError", 503: "ServiceUnavailableError"}
+                 413: "BadRequestError", 500: "InternalServerError",
+                 503: "ServiceUnavailableError"}
         return cls(False, status, message, kinds.get(status, "Error"))
 
 
@@ -85,12 +93,15 @@ class AdapterAPI:
             return refused
         if not name or not path or not isinstance(name, str) or not isinstance(path, str):
             return Answer.error(400, "Both 'lora_name' and 'lora_path' must be provided.")
-        if not NAME_PATTERN.match(name):
-            return Answer.error(400, f"lora_name '{display_name(name)}' is not a valid adapter "
-                                "name; use letters, digits, '.', '_' and '-' only.")
+        if (problem := name_problem(name)) is not None:
+            shown = display_name(name if len(name) < 80 else name[:77] + "...")
+            return Answer.error(400, f"lora_name {shown!r} {problem}.")
         if name == self.served_name:
             return Answer.error(400, f"The lora adapter '{name}' conflicts with a served base "
                                 "model.")
+        if any(ord(c) < 32 or c == "\x7f" for c in path) or len(path) > 4096:
+            return Answer.error(400, "lora_path contains control characters or is over 4096 "
+                                "characters; give the folder of the adapter on this server.")
         if not os.path.isabs(path):
             return Answer.error(400, f"lora_path '{display_name(path)}' is not an absolute path; "
                                 "give the folder of the adapter on this server (hub ids and "
@@ -119,8 +130,17 @@ class AdapterAPI:
             inspect_folder, path, limit=self.reconciler.scanner.limit,
             served_name=self.served_name, name=name)
         if not folder.valid:
+            problem = folder.problem
+            limit = self.reconciler.scanner.limit
+            if (limit is not None and limit.derived and folder.rank
+                    and folder.rank <= limit.engine_max and problem == limit.problem(folder.rank)):
+                # a failed call is not kept, so a restart alone would not raise the limit
+                problem = (f"rank {folder.rank} is above this server's rank limit "
+                           f"{limit.value}, derived at start from the adapters present then; "
+                           f"set NIM_MAX_LORA_RANK={limit.engine_rank(folder.rank)} and restart "
+                           "to serve it")
             return Answer.error(400, f"Adapter '{name}' at {display_name(str(path))} cannot be "
-                                f"loaded: {folder.problem}.")
+                                f"loaded: {problem}.")
         previous = intent.loaded.get(name)
         intent.loaded[name] = path
         if (saved := await self._save(name, previous)) is not None:
@@ -184,20 +204,25 @@ class AdapterAPI:
         assert self.reconciler is not None
         intent = self.reconciler.intent
         record = self.registry.get(name)
+        own = self.source / name if self.source is not None else None
         if name in intent.loaded:
             previous = intent.loaded.pop(name)
-            if (saved := await self._save(name, previous)) is not None:
-                return saved
+            # A folder of that name (added after the API load) must not take its place.
+            hide = list_folder(str(own)).fingerprint if own is not None and own.is_dir() else None
         elif record is not None and record.origin is Origin.FOLDER and (
                 record.servable or record.state is State.REMOVING):
-            intent.unloaded[name] = record.version
-            try:
-                intent.save()
-            except OSError as exc:
-                intent.unloaded.pop(name, None)
-                return self._cannot_save(exc)
+            previous, hide = None, record.version
         else:
             return Answer.error(404, f"The lora adapter '{name}' cannot be found.")
+        if hide is not None:
+            intent.unloaded[name] = hide
+        try:
+            intent.save()
+        except OSError as exc:
+            intent.unloaded.pop(name, None)
+            if previous is not None:
+                intent.loaded[name] = previous
+            return self._cannot_save(exc)
         await self.reconciler.converge(name, timeout=self.timeout)
         record = self.registry.get(name)
         if record is None or record.state is State.UNLOADED:

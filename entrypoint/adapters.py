@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")  # matched whole (`fullmatch`: no trailing \n)
+#: longest adapter name: its snapshot folder adds a 33-character hash to it, within 255 bytes
+NAME_MAX_CHARS = 200
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 16 << 20  # a safetensors header: a few KiB per hundred tensors
 # modules_to_save entries vLLM accepts (it only keeps classifier heads).
@@ -78,6 +80,7 @@ class RankLimit:
     derived: bool = False  # False: NIM_MAX_LORA_RANK set it
     engine: str = ""  # the backend whose largest rank bounds a derived limit
     engine_max: int = 0
+    allowed: tuple[int, ...] = ()  # the limits the engine accepts (empty: any)
 
     def problem(self, rank: int) -> str | None:
         """None when an adapter of `rank` is accepted; otherwise why not and what to do."""
@@ -91,6 +94,11 @@ class RankLimit:
                     f"({self.engine_max}); use an adapter of rank {self.engine_max} or less")
         return (f"rank {rank} is above this server's rank limit {self.value}, derived at start "
                 "from the adapters present then; restart the server to serve it")
+
+    def engine_rank(self, rank: int) -> int:
+        """The smallest rank limit the engine allows that covers `rank`."""
+        allowed = [r for r in self.allowed if r >= rank]
+        return allowed[0] if allowed else rank
 
     def apply(self, folder: AdapterFolder) -> AdapterFolder:
         """`folder`, marked invalid when its rank is above the limit."""
@@ -112,6 +120,7 @@ class _Listing(NamedTuple):
     files: dict[str, int]  # regular files: name -> size
     others: frozenset[str] = frozenset()  # anything else: folders, FIFOs, broken links
     error: str | None = None  # the folder could not be listed (gone, unreadable)
+    links: bool = False  # some entry is a symbolic link
 
 
 def list_folder(path: str) -> _Listing:
@@ -119,10 +128,12 @@ def list_folder(path: str) -> _Listing:
     parts = []
     files: dict[str, int] = {}
     others = set()
+    links = False
     try:
         with os.scandir(path) as it:
             for entry in it:
                 name = entry.name
+                links = links or entry.is_symlink()  # (from readdir's type: no system call)
                 try:
                     st = entry.stat()  # follows links; a loop or a dangling link raises
                 except OSError:
@@ -139,7 +150,7 @@ def list_folder(path: str) -> _Listing:
     parts.sort()
     digest = hashlib.blake2b("\0".join(parts).encode(errors="surrogateescape"),
                              digest_size=12).hexdigest()
-    return _Listing(digest, sum(files.values()), files, frozenset(others))
+    return _Listing(digest, sum(files.values()), files, frozenset(others), links=links)
 
 
 def _readable(path: str) -> bool:
@@ -295,6 +306,17 @@ def config_problem(config: dict, *, limit: RankLimit | None) -> str | None:
     return None
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name an adapter (said after "folder name" or "lora_name"), or None."""
+    if not NAME_PATTERN.fullmatch(name):
+        return "is not a valid adapter name; use letters, digits, '.', '_' and '-' only"
+    if name.startswith("."):
+        return "starts with '.'; hidden names are not adapters"
+    if len(name) > NAME_MAX_CHARS:
+        return f"is longer than {NAME_MAX_CHARS} characters; use a shorter name"
+    return None
+
+
 def display_name(name: str) -> str:
     """A folder name as logs and JSON can show it (bytes that are not UTF-8 escaped)."""
     try:
@@ -333,16 +355,13 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
     if listing.error is not None:
         return AdapterFolder(**base, pending=True,
                              problem=f"folder cannot be listed ({listing.error}); looking again")
-    if not NAME_PATTERN.match(name):
-        return AdapterFolder(
-            **base,
-            problem="folder name is not a valid adapter name; use letters, digits, '.', '_' "
-            "and '-' only",
-        )
+    what = "folder name" if name == path.name else f"adapter name '{display_name(name)}'"
+    if (problem := name_problem(name)) is not None:
+        return AdapterFolder(**base, problem=f"{what} {problem}")
     if served_name and name == served_name:
         return AdapterFolder(
-            **base, problem="folder name equals the served model name; rename the folder"
-        )
+            **base, problem=f"{what} equals the served model name; "
+            + ("rename the folder" if name == path.name else "choose another name"))
     for special in (CONFIG_FILE, *WEIGHT_FILES):
         if special in listing.others:
             return AdapterFolder(**base, problem=f"{special} is not a regular file (a folder, "
@@ -470,10 +489,14 @@ class AdapterScanner:
                         problem=f"is a link to {outside}, outside NIM_PEFT_SOURCE; copy the "
                         "adapter into the folder instead")
                     continue
-            known[entry.name] = inspect_folder(
-                Path(entry.path), limit=self.limit, served_name=self.served_name,
-                _listing=listing,
-            )
+            folder = inspect_folder(Path(entry.path), limit=self.limit,
+                                    served_name=self.served_name, _listing=listing)
+            if folder.valid and listing.links:
+                real_source = real_source or os.path.realpath(self.source)
+                out = outside_roots(entry.path, (Path(real_source),), "NIM_PEFT_SOURCE")
+                if out is not None:
+                    folder = replace(folder, problem=f"{out}; copy the file itself instead")
+            known[entry.name] = folder
         self._known = known
         return list(known.values())
 
@@ -484,15 +507,16 @@ def within(path: str, roots: Sequence[Path]) -> bool:
                for root in roots)
 
 
-def outside_roots(path: str, roots: Sequence[Path]) -> str | None:
+def outside_roots(path: str, roots: Sequence[Path],
+                  where: str = "the folders adapters may be loaded from") -> str | None:
     """Why the folder `path` may not be loaded from, given the allowed `roots` (resolved), or
     None: it must resolve (links and `..` resolved) under a root, and so must every file in it
-    that is a link."""
+    that is a link. (The snapshot checks each file again as it opens it.)"""
     real = os.path.realpath(path)
     if not within(real, roots):
         shown = display_name(path) + ("" if real == path else f" resolves to {display_name(real)},"
                                       " which is")
-        return f"{shown} outside the folders adapters may be loaded from"
+        return f"{shown} outside {where}"
     try:
         with os.scandir(real) as it:
             links = [entry for entry in it if entry.is_symlink()]
@@ -502,7 +526,7 @@ def outside_roots(path: str, roots: Sequence[Path]) -> str | None:
         target = os.path.realpath(entry.path)
         if not within(target, roots):
             return (f"{display_name(entry.name)} in {display_name(path)} is a link to "
-                    f"{display_name(target)}, outside the folders adapters may be loaded from")
+                    f"{display_name(target)}, outside {where}")
     return None
 
 

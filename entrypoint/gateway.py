@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1
                 "/v1/messages", "/v1/messages/count_tokens", "/tokenize", "/detokenize",
                 "/v1/score", "/v1/rerank", "/score", "/rerank", "/v2/rerank", "/pooling",
                 "/classify")
+SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 #: user-facing routes that name no model: forwarded as they are
 PLAIN_ROUTES = (("/v1/responses/{response_id}", "GET"),
                 ("/v1/responses/{response_id}/cancel", "POST"),
@@ -317,7 +319,9 @@ class Gateway:
         return await self._forward(request, target.body, done)
 
     async def plain(self, request: Request) -> Response:
-        """PLAIN_ROUTES: forwarded as they are."""
+        """PLAIN_ROUTES: forwarded as they are (an id in the path is one plain segment)."""
+        if any(not SAFE_SEGMENT.fullmatch(str(v)) for v in request.path_params.values()):
+            return await self.unknown(request)
         if not self.state.backend_up:
             return STARTING.response()
         raw = await read_body(request)
@@ -332,7 +336,7 @@ class Gateway:
         if isinstance(body, Answer):
             return self._vllm_answer(request, body)
         answer = await self._api().load(body.get("lora_name"), body.get("lora_path"),
-                                        replace=body.get("load_inplace") is True)
+                                        replace=_lax_bool(body.get("load_inplace")))
         return self._vllm_answer(request, answer, body.get("lora_name"))
 
     async def unload_vllm(self, request: Request) -> Response:
@@ -404,8 +408,9 @@ class Gateway:
     @staticmethod
     def _log_api(request: Request, answer: Answer, name: object) -> None:
         level = logging.INFO if answer.ok else logging.WARNING
+        message = "" if answer.ok else ": " + answer.message.encode("unicode_escape").decode()
         access_log.log(level, "%s %s lora_name=%s status=%d%s", request.method, request.url.path,
-                       name, answer.status, "" if answer.ok else f": {answer.message}",
+                       ascii(name) if isinstance(name, str) else name, answer.status, message,
                        extra={"fields": {"method": request.method, "path": request.url.path,
                                          "lora_name": name, "status": answer.status}})
 
@@ -529,6 +534,13 @@ class Gateway:
 
         return StreamingResponse(body(), status_code=response.status, headers=headers,
                                  background=BackgroundTask(cleanup))
+
+
+def _lax_bool(value: object) -> bool:
+    """A JSON flag read as vLLM's request model reads it (true, 1, "true", "yes", "on")."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    return value is True or (type(value) is int and value == 1)
 
 
 def build_app(state: GatewayState) -> ASGIApp:

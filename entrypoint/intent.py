@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .adapters import name_problem
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +31,40 @@ class Intent:
     unloaded: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, file: Path) -> Intent:
+    def read(cls, file: Path, *, quiet: bool = False) -> Intent:
         """The requests kept in `file`; none when it does not exist. A file that cannot be read
-        is set aside (renamed `*.bad`) with one warning, never a reason not to start."""
+        is set aside (renamed `*.bad-<time>`) with one warning, and an entry that is not a valid
+        name and an absolute path is dropped with one warning each: never a reason not to
+        start. `quiet`: no warnings for skipped entries (a second read)."""
         intent = cls(file=file)
         try:
             data = json.loads(file.read_text())
-            intent.loaded = {str(k): Path(v) for k, v in data["loaded"].items()}
-            intent.unloaded = {str(k): str(v) for k, v in data["unloaded"].items()}
+            loaded, unloaded = data["loaded"], data["unloaded"]
+            if not isinstance(loaded, dict) or not isinstance(unloaded, dict):
+                raise TypeError("'loaded' and 'unloaded' must be objects")
         except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("%s: cannot read the adapters loaded through the API (%s); starting "
-                        "without them (the file is kept as %s.bad)", file, exc, file.name)
+            return intent
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            aside = file.with_name(f"{file.name}.bad-{int(time.time())}")
+            log.warning("%s: cannot read the adapters loaded and unloaded through the API (%s); "
+                        "starting without them (the file is kept as %s)", file, exc, aside.name)
             try:
-                os.replace(file, file.with_name(file.name + ".bad"))
+                os.replace(file, aside)
             except OSError:
                 pass
+            return intent
+        for name, path in loaded.items():
+            problem = _entry_problem(name, path, path=True)
+            if problem is None:
+                intent.loaded[name] = Path(path)
+            elif not quiet:
+                log.warning("%s: skipped the API adapter %s: %s", file, ascii(name), problem)
+        for name, fingerprint in unloaded.items():
+            problem = _entry_problem(name, fingerprint, path=False)
+            if problem is None:
+                intent.unloaded[name] = fingerprint
+            elif not quiet:
+                log.warning("%s: skipped the API unload of %s: %s", file, ascii(name), problem)
         return intent
 
     def save(self) -> None:
@@ -59,3 +79,14 @@ class Intent:
         tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, self.file)
+
+
+def _entry_problem(name: str, value: object, *, path: bool) -> str | None:
+    """Why an entry of the file cannot be used (a hand edit, another version), or None."""
+    if (problem := name_problem(name)) is not None:
+        return f"the name {problem}"
+    if not isinstance(value, str):
+        return f"{ascii(value)} is not a string"
+    if path and (not os.path.isabs(value) or "\0" in value):
+        return f"{ascii(value)} is not an absolute path"
+    return None

@@ -77,7 +77,8 @@ def rank_limit(settings: Settings, backend: Backend, adapters: list[AdapterFolde
     ranks = [a.rank for a in adapters if a.rank is not None and a.valid]
     wanted = max([MIN_DERIVED_RANK, *ranks])
     return RankLimit(backend.rank_limit(wanted) or backend.max_rank, derived=True,
-                     engine=backend.name, engine_max=backend.max_rank)
+                     engine=backend.name, engine_max=backend.max_rank,
+                     allowed=backend.allowed_ranks)
 
 
 def plan_backend(settings: Settings, profile: Profile) -> Backend:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ from .backends import Backend, Outcome, Reply
 from .intent import Intent
 from .metrics import Metrics
 from .registry import AdapterState, Registry, State, Traffic
-from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotStore
+from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -358,12 +359,20 @@ class Reconciler:
         verb = "waiting" if folder.pending else "skipped"
         log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.path)
 
-    async def _snapshot(self, state: AdapterState, folder: AdapterFolder) -> Path | str:
-        """The path to load from (a fresh snapshot), or why there is none now."""
+    async def _snapshot(self, state: AdapterState, folder: AdapterFolder) -> Path | str | None:
+        """The path to load from (a fresh snapshot), why there is none now, or None when these
+        files are refused (the state says so)."""
         if self.snapshots is None:
             return folder.path
+        roots = self.api_roots if folder.origin is Origin.API else (
+            Path(os.path.realpath(self.scanner.source)),)
         try:
-            path = await asyncio.to_thread(self.snapshots.take, folder)
+            path = await asyncio.to_thread(self.snapshots.take, folder, roots=roots)
+        except SnapshotRefused as exc:
+            self._count("failures", "invalid")
+            log.warning("adapter %s: not served: %s (%s)", folder.name, exc, folder.path)
+            state.refused_by_backend(folder, str(exc))
+            return None
         except SnapshotChanged as exc:
             log.info("adapter %s: files changed while taking a snapshot (%s); looking again",
                      folder.name, exc)
@@ -389,6 +398,8 @@ class Reconciler:
         inplace = serving and (actual is None or name in actual)
         state.loading(folder)
         path = await self._snapshot(state, folder)
+        if path is None:  # refused: failed (or the served version serves on) until files change
+            return
         if isinstance(path, str):
             state.waiting(path)
             return

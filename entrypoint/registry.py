@@ -120,8 +120,8 @@ class AdapterState:
         self.attempts, self.retry_at, self.refused, self.reported = 0, 0.0, "", ""
 
     def refused_by_backend(self, folder: AdapterFolder, reason: str) -> None:
-        """The backend refused these files: failed (or, when an older version is served, that
-        one serves on) until the folder's files change."""
+        """The backend (or the snapshot's own checks) refused these files: failed (or, when an
+        older version is served, that one serves on) until the folder's files change."""
         self.refused, self.attempts, self.retry_at = folder.fingerprint, 0, 0.0
         if self.serving:
             self._set(state=State.READY, version=folder.fingerprint,

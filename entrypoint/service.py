@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import socket
@@ -23,7 +24,7 @@ import uvicorn
 
 from . import __version__
 from .adapter_api import AdapterAPI
-from .adapters import AdapterFolder, RankLimit, inspect_folder, scan_source
+from .adapters import AdapterFolder, RankLimit, inspect_folder, outside_roots, scan_source
 from .backends import Backend
 from .gateway import GatewayState, build_app
 from .hardware import detect_gpus
@@ -34,7 +35,7 @@ from .profiles import Profile, load_profiles, model_parameters, select_profile
 from .reconcile import DRAIN_SECS, LATE_SWAP_WATCH_SECS, Reconciler
 from .registry import AdapterRecord, Registry, State, Traffic
 from .settings import ConfigError, Settings
-from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotStore
+from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
 from .supervisor import BackendProcess, become_subreaper, reap_orphans
 from .tasks import ServiceTasks
 from .upstream import Upstream
@@ -108,7 +109,8 @@ def judge_adapters(
     kept = []
     if settings.api_enabled and intent_file(settings).exists():
         kept = [inspect_folder(path, name=name) for name, path in
-                Intent.read(intent_file(settings)).loaded.items()]
+                Intent.read(intent_file(settings), quiet=True).loaded.items()
+                if outside_roots(str(path), settings.api_roots) is None]
     limit = rank_limit(settings, backend, [*found, *kept])
     return tuple(limit.apply(folder) for folder in found), limit
 
@@ -135,7 +137,10 @@ def resolve(
             if not folder.valid:
                 continue
             try:
-                paths[folder.name] = snapshots.take(folder)
+                paths[folder.name] = snapshots.take(folder, roots=(
+                    Path(os.path.realpath(folder.path.parent)),))
+            except SnapshotRefused as exc:
+                skipped[folder.name] = str(exc)
             except SnapshotChanged as exc:
                 skipped[folder.name] = (f"its files changed while starting ({exc}); restart "
                                         "to serve it")

@@ -13,10 +13,18 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .adapters import CONFIG_FILE, WEIGHT_FILES, AdapterFolder, inspect_folder, open_regular
+from .adapters import (
+    CONFIG_FILE,
+    WEIGHT_FILES,
+    AdapterFolder,
+    display_name,
+    inspect_folder,
+    open_regular,
+    within,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,11 @@ SNAPSHOT_FILES = (CONFIG_FILE, *WEIGHT_FILES, "tokenizer.json", "tokenizer_confi
 
 class SnapshotChanged(Exception):
     """The source folder changed while it was being copied; try again when it settles."""
+
+
+class SnapshotRefused(Exception):
+    """The folder's files cannot be served (a file that leads out of the allowed folders, a copy
+    that does not validate while the source did): a one-line reason; refused until they change."""
 
 
 class SnapshotFailed(Exception):
@@ -59,14 +72,17 @@ class SnapshotStore:
             f"cannot write a snapshot under NIM_CACHE_PATH ({self.root}): "
             f"{exc.strerror or exc}; free space there or make it writable")
 
-    def take(self, folder: AdapterFolder) -> Path:
+    def take(self, folder: AdapterFolder, *, roots: Sequence[Path] = ()) -> Path:
         """Copy the adapter's files into a snapshot named by their content; return its path.
 
         Reads each source file once (hashing while copying), re-validates the copy, and raises
-        `SnapshotChanged` if the source folder's fingerprint moved meanwhile, or
-        `SnapshotFailed` when the snapshot folder cannot be written.
+        `SnapshotChanged` if the source folder's fingerprint moved meanwhile, `SnapshotRefused`
+        when a file it opened lies outside `roots` (when given; checked on the open file, so a
+        link swapped in after the scan's check is caught too) or the copy does not validate
+        while the source is unchanged, and `SnapshotFailed` when the snapshot folder cannot be
+        written.
         """
-        tmp = self.root / f".{folder.name}.{os.getpid()}.{threading.get_ident():x}.tmp"
+        tmp = self.root / f".snapshot.{os.getpid()}.{threading.get_ident():x}.tmp"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -76,11 +92,14 @@ class SnapshotStore:
         digest = hashlib.blake2b(digest_size=16)
         try:
             for name in SNAPSHOT_FILES:
-                self._copy(folder.path / name, tmp / name, digest)
-            copy = inspect_folder(tmp)
+                self._copy(folder.path / name, tmp / name, digest, roots)
+            copy = inspect_folder(tmp, name="snapshot")
             now = inspect_folder(folder.path).fingerprint
-            if now != folder.fingerprint or not copy.valid:
+            if now != folder.fingerprint:
                 raise SnapshotChanged(copy.problem or "files changed while copying")
+            if not copy.valid:  # the same files, yet their copy is not an adapter
+                raise SnapshotRefused(f"its files, as read, are not a valid adapter "
+                                      f"({copy.problem})")
             final = self.root / f"{folder.name}-{digest.hexdigest()}"
             with self._lock:
                 if final in self._retired:  # served again: no longer to be deleted, but a
@@ -97,7 +116,8 @@ class SnapshotStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _copy(self, source: Path, target: Path, digest: hashlib.blake2b) -> None:
+    def _copy(self, source: Path, target: Path, digest: hashlib.blake2b,
+              roots: Sequence[Path]) -> None:
         """Copy one file (if it is there) and feed its name and bytes to `digest`."""
         try:
             src = open_regular(source)
@@ -106,6 +126,10 @@ class SnapshotStore:
         except OSError as exc:
             raise SnapshotChanged(f"{source.name} cannot be read ({exc.strerror})") from None
         try:
+            if roots and not within(real := opened_path(src, source), roots):
+                raise SnapshotRefused(
+                    f"{source.name} leads to {display_name(real)}, outside the folders adapters "
+                    "may be loaded from; copy the file itself into the adapter's folder")
             digest.update(source.name.encode() + b"\0")
             try:
                 dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -205,3 +229,11 @@ class SnapshotStore:
     def remove_all(self) -> None:
         """Delete this store's folder and everything in it."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def opened_path(fd: int, path: Path) -> str:
+    """The file `fd` really is (links resolved as it was opened; Linux), else `path` resolved."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)

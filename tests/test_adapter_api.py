@@ -13,10 +13,11 @@ import httpx
 import pytest
 
 from entrypoint.adapter_api import AdapterAPI
-from entrypoint.adapters import Origin, RankLimit
+from entrypoint.adapters import Origin, RankLimit, inspect_folder
 from entrypoint.intent import Intent
 from entrypoint.reconcile import Reconciler
 from entrypoint.registry import Registry, State
+from entrypoint.snapshots import SnapshotRefused, SnapshotStore
 from tests.conftest import copy_adapter, edit_config
 from tests.test_reconcile import ScriptedBackend
 
@@ -238,9 +239,99 @@ def test_an_api_adapter_whose_folder_leaves_the_allowed_folders_keeps_its_served
     asyncio.run(scenario())
 
 
-def test_an_unreadable_intent_file_is_set_aside(world, library):
+def test_an_unreadable_intent_file_is_set_aside_and_bad_entries_are_dropped_alone(
+        world, library, caplog):
     world.file.parent.mkdir(parents=True)
     world.file.write_text("{not json")
     world.start()
     assert world.reconciler.intent.loaded == {}
-    assert world.file.with_name(world.file.name + ".bad").exists()
+    assert [p.name for p in world.file.parent.glob("*.bad-*")]
+    copy_adapter(library / "alpha", world.allowed / "good")
+    world.file.write_text(json.dumps({"version": 1, "loaded": {
+        "good": str(world.allowed / "good"), "nul": str(world.allowed) + "/c\u0000",
+        "rel": "store/x", "n\n": str(world.allowed / "good"), "num": 5},
+        "unloaded": {"beta": 7, "alpha": "abc"}}))
+    world.start()
+    assert world.reconciler.intent.loaded == {"good": world.allowed / "good"}
+    assert world.reconciler.intent.unloaded == {"alpha": "abc"}
+    skipped = [r.message for r in caplog.records if "skipped the API" in r.message]
+    assert len(skipped) == 5 and all("\n" not in line for line in skipped)
+
+
+@pytest.mark.parametrize(("name", "path", "message"), [
+    ("n1\n", "{allowed}/good", "is not a valid adapter name"),  # `$` would match before \n
+    (".hidden", "{allowed}/good", "starts with '.'"),
+    ("..", "{allowed}/good", "starts with '.'"),
+    ("x" * 201, "{allowed}/good", "longer than 200 characters"),
+    ("x" * 5000, "{allowed}/good", "longer than 200 characters"),
+    ("nul", "{allowed}/good\0x", "control characters"),
+    ("nl", "{allowed}/good\nx", "control characters"),
+    ("long", "/" + "a" * 5000, "over 4096 characters"),
+])
+def test_hostile_names_and_paths_get_a_400_at_once(world, library, name, path, message):
+    copy_adapter(library / "alpha", world.allowed / "good")
+    answer = asyncio.run(world.api.load(name, path.format(allowed=world.allowed)))
+    assert answer.status == 400 and message in answer.message, answer
+    assert "\n" not in answer.message
+    assert world.backend.calls == [] and world.kept() == {}
+
+
+def test_a_file_swapped_for_a_link_out_after_the_check_is_never_copied(world, library,
+                                                                       tmp_path):
+    """The scan checks links; a link swapped in between that check and the copy is caught on
+    the open file itself (a race a probe won 13 times in 27 tries before)."""
+    snapshots = SnapshotStore(tmp_path / "snapshots")
+    folder = world.allowed / "y"
+    copy_adapter(library / "alpha", folder)
+    copy_adapter(library / "gamma", world.outside / "evil")
+    judged = inspect_folder(folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(world.outside / "evil" / "adapter_model.safetensors")
+    os.utime(weights, follow_symlinks=False)
+    with pytest.raises(SnapshotRefused, match="outside the folders"):
+        snapshots.take(judged, roots=(world.allowed,))
+    assert not list((tmp_path / "snapshots").glob("y-*"))
+
+
+def test_folder_adapters_whose_files_link_out_of_the_source_are_refused(world, library):
+    copy_adapter(library / "gamma", world.outside / "evil")
+    folder = world.source / "w"
+    folder.mkdir()
+    shutil.copy(library / "alpha" / "adapter_config.json", folder)
+    (folder / "adapter_model.safetensors").symlink_to(
+        world.outside / "evil" / "adapter_model.safetensors")
+    inside = world.source / "v"  # a link that stays inside the source is fine
+    copy_adapter(library / "beta", world.source / ".blobs" / "v")
+    inside.mkdir()
+    for file in (world.source / ".blobs" / "v").iterdir():
+        (inside / file.name).symlink_to(file)
+    asyncio.run(world.settle())
+    record = world.registry.get("w")
+    assert record.state is State.FAILED and "outside NIM_PEFT_SOURCE" in record.reason
+    assert "w" not in world.backend.served and "v" in world.backend.served
+
+
+def test_unloading_an_api_adapter_keeps_a_same_named_folder_from_taking_its_place(
+        world, library):
+    copy_adapter(library / "gamma", world.allowed / "q")
+
+    async def scenario():
+        assert (await world.api.load("q", str(world.allowed / "q"))).ok
+        copy_adapter(library / "beta", world.source / "q")  # a folder of that name appears
+        await world.settle(passes=2)
+        answer = await world.api.unload("q")
+        assert answer.ok, answer
+        await world.settle(passes=3)
+        assert "q" not in world.backend.served
+        assert world.registry.get("q").state is State.UNLOADED
+
+    asyncio.run(scenario())
+
+
+def test_an_api_load_above_a_derived_rank_limit_says_how_to_raise_it(world, library):
+    world.reconciler.scanner.limit = RankLimit(16, derived=True, engine="vllm", engine_max=512,
+                                               allowed=(8, 16, 32, 64, 128))
+    copy_adapter(library / "big", world.allowed / "big")
+    answer = asyncio.run(world.api.load("big", str(world.allowed / "big")))
+    assert answer.status == 400 and "set NIM_MAX_LORA_RANK=64 and restart" in answer.message

@@ -178,6 +178,8 @@ def test_plain_routes_are_forwarded_and_the_api_is_off_without_a_reconciler(upst
     assert run(state, "GET", "/version").json() == {"version": "0.0-fake"}
     assert run(state, "GET", "/health").status_code == 200
     assert run(state, "GET", "/v1/responses/resp_1").json()["id"] == "resp_1"
+    for odd in ("%2e%2e", "a%2fb", "x.y"):  # an id is one plain segment, nothing else
+        assert run(state, "GET", f"/v1/responses/{odd}").status_code == 404
     for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         reply = run(state, "POST", path, json={"lora_name": "x", "lora_path": "/etc"})
         assert reply.status_code == 404 and "API is off" in reply.json()["error"]["message"]
@@ -418,3 +420,12 @@ def test_a_request_held_at_the_gate_is_served_or_refused_when_it_opens(upstream,
         assert reply.status_code == 200 and reply.json()["model"] == "alpha"
     assert state.traffic.running("alpha") == 0
     assert 'lora_requests_total{adapter="alpha"} 1.0' in state.metrics.render().decode()
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), (1, True), ("true", True), ("yes", True), ("On", True), (False, False),
+    (0, False), ("no", False), (None, False), (2, False), ([], False), (1.0, False)])
+def test_load_inplace_is_read_as_vllm_reads_it(value, expected):
+    from entrypoint.gateway import _lax_bool
+
+    assert _lax_bool(value) is expected
