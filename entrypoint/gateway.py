@@ -6,21 +6,21 @@ OpenAI error, and streams responses through chunk by chunk. It never loads or un
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -43,6 +43,10 @@ REQUEST_DROP = {"host", "content-length", "transfer-encoding", "connection", "ke
                 "accept-encoding", "authorization"}
 _REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)
 RESPONSE_DROP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+_RESPONSE_DROP_RAW = frozenset(name.encode() for name in RESPONSE_DROP)
+STREAM_BROKE = ("data: " + json.dumps({"error": {
+    "message": "The backend stopped answering mid-stream.", "type": "BadGateway", "param": None,
+    "code": 502}}) + "\n\n").encode()
 access_log = logging.getLogger("entrypoint.access")
 
 # The backend's routes this port forwards: an allowlist, not a denylist. Each vLLM release adds
@@ -60,6 +64,10 @@ SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 PLAIN_ROUTES = (("/v1/responses/{response_id}", "GET"),
                 ("/v1/responses/{response_id}/cancel", "POST"),
                 ("/health", "GET"), ("/version", "GET"))
+_MODEL_PATHS = frozenset(MODEL_ROUTES)
+_PLAIN_PATTERNS = tuple(
+    (re.compile(re.sub(r"\{\w+\}", SAFE_SEGMENT.pattern, path)), method)
+    for path, method in PLAIN_ROUTES)
 
 
 @dataclass
@@ -204,12 +212,6 @@ def describe(record: AdapterRecord) -> dict:
     }
 
 
-def _forward_headers(request: Request) -> dict[str, str]:
-    """The client's headers less REQUEST_DROP: one pass, decoding only the kept ones."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers.raw
-            if k.lower() not in _REQUEST_DROP_RAW}
-
-
 async def read_body(request: Request) -> bytes | Refusal:
     """The request body, or a 413 as soon as it is known to be over the limit."""
     declared = request.headers.get("content-length")
@@ -245,11 +247,10 @@ class Gateway:
             Route("/v1/unload_lora_adapter", self.unload_vllm, methods=["POST"]),
             Route("/load_lora_adapter", self.load_sglang, methods=["POST"]),
             Route("/unload_lora_adapter", self.unload_sglang, methods=["POST"]),
-            *[Route(path, self.inference, methods=["POST"]) for path in MODEL_ROUTES],
-            *[Route(path, self.plain, methods=[method]) for path, method in PLAIN_ROUTES],
             Route("/{path:path}", self.unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ]
-        app: ASGIApp = Starlette(routes=routes)
+        self.router: ASGIApp = Starlette(routes=routes)
+        app: ASGIApp = self.dispatch
         self.app: ASGIApp = BearerAuth(app, state.api_keys) if state.api_keys else app
 
     async def live(self, request: Request) -> Response:
@@ -288,20 +289,40 @@ class Gateway:
                 served.append({**card, "root": root})
         return JSONResponse({"object": "list", "data": served})
 
-    async def inference(self, request: Request) -> Response:
+    # ---- the hot path: plain ASGI, no request objects, no router ----
+
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """MODEL_ROUTES and PLAIN_ROUTES in plain ASGI (every token a user streams passes
+        here); everything else through the Starlette router."""
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            if method == "POST" and path in _MODEL_PATHS:
+                await self.inference(scope, receive, send)
+                return
+            if any(m == method and pattern.fullmatch(path) for pattern, m in _PLAIN_PATTERNS):
+                await self.plain(scope, receive, send)
+                return
+        await self.router(scope, receive, send)
+
+    async def inference(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Completions, chat and the other MODEL_ROUTES: route by `model`, then stream
         through."""
         started = time.perf_counter()
         state = self.state
         if not state.backend_up:
-            return self._refuse(request, STARTING, started)
-        raw = await read_body(request)
+            await self._refuse(scope, send, STARTING, started)
+            return
+        raw = await read_asgi_body(scope, receive)
+        if raw is None:  # the client went away before its request was whole
+            return
         if isinstance(raw, Refusal):
-            return self._refuse(request, raw, started)
+            await self._refuse(scope, send, raw, started)
+            return
         target = resolve(raw, served_name=state.served_name, adapters=state.registry,
                          static_mode=state.static_mode, request_model=state.backend.request_model)
         if isinstance(target, Refusal):
-            return self._refuse(request, target, started)
+            await self._refuse(scope, send, target, started)
+            return
         model, name = target.model, target.adapter
         if name:
             await state.traffic.enter(name)  # waits while its weights are being swapped
@@ -309,25 +330,26 @@ class Gateway:
                 state.traffic.leave(name)
                 refusal = unknown_model(model, name, state.registry.get(name),
                                         static_mode=state.static_mode)
-                return self._refuse(request, refusal, started)
+                await self._refuse(scope, send, refusal, started)
+                return
 
         def done(status: int) -> None:  # counted when its stream is over
             if name:
                 state.traffic.leave(name)
-            self._record(request, model=model, adapter=name, status=status, started=started)
+            self._record(scope, model=model, adapter=name, status=status, started=started)
 
-        return await self._forward(request, target.body, done)
+        await self._forward(scope, receive, send, target.body, done)
 
-    async def plain(self, request: Request) -> Response:
-        """PLAIN_ROUTES: forwarded as they are (an id in the path is one plain segment)."""
-        if any(not SAFE_SEGMENT.fullmatch(str(v)) for v in request.path_params.values()):
-            return await self.unknown(request)
+    async def plain(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """PLAIN_ROUTES: forwarded as they are."""
         if not self.state.backend_up:
-            return STARTING.response()
-        raw = await read_body(request)
+            await send_refusal(send, STARTING)
+            return
+        raw = await read_asgi_body(scope, receive)
         if isinstance(raw, Refusal):
-            return raw.response()
-        return await self._forward(request, raw, lambda status: None)
+            await send_refusal(send, raw)
+        elif raw is not None:
+            await self._forward(scope, receive, send, raw, lambda status: None)
 
     # ---- the runtime adapter API, in vLLM's and SGLang's forms ----
 
@@ -448,32 +470,33 @@ class Gateway:
     async def unknown(self, request: Request) -> Response:
         return openai_error(404, f"Route {request.url.path} not found.", "NotFoundError")
 
-    def _refuse(self, request: Request, refusal: Refusal, started: float) -> Response:
-        response = refusal.response()
-        self._record(request, model=refusal.model, adapter=refusal.adapter,
+    async def _refuse(self, scope: Scope, send: Send, refusal: Refusal, started: float) -> None:
+        self._record(scope, model=refusal.model, adapter=refusal.adapter,
                      status=refusal.status, started=started)
-        return response
+        await send_refusal(send, refusal)
 
     def _record(
-        self, request: Request, *, model: object, adapter: str, status: int, started: float,
+        self, scope: Scope, *, model: object, adapter: str, status: int, started: float,
     ) -> None:
         """Count one inference request and log it (one JSON object a line: NIM_JSONL_LOGGING)."""
         if self.state.metrics is not None:
             self.state.metrics.request(adapter, status)
         if access_log.isEnabledFor(logging.INFO):
             duration = (time.perf_counter() - started) * 1000
+            method, path = scope["method"], scope["path"]
             access_log.info(
-                "%s %s model=%s adapter=%s status=%d %.1f ms", request.method, request.url.path,
+                "%s %s model=%s adapter=%s status=%d %.1f ms", method, path,
                 model, adapter or "-", status, duration,
-                extra={"fields": {"method": request.method, "path": request.url.path,
+                extra={"fields": {"method": method, "path": path,
                                   "model": model, "adapter": adapter or None, "status": status,
                                   "duration_ms": round(duration, 2)}},
             )
 
     async def _forward(
-        self, request: Request, content: bytes, done: Callable[[int], None],
-    ) -> Response:
-        """Forward to the backend and stream the answer back.
+        self, scope: Scope, receive: Receive, send: Send, content: bytes,
+        done: Callable[[int], None],
+    ) -> None:
+        """Forward to the backend and stream the answer back, chunk by chunk as it comes.
 
         `done(status)` runs once when it is over: after the last chunk, when the client goes away
         (which closes the upstream connection, so the backend stops generating), or on an error.
@@ -486,20 +509,24 @@ class Gateway:
                 finished = True
                 done(status)
 
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+                   if k.lower() not in _REQUEST_DROP_RAW}
         try:
             response = await self.state.client.send(
-                request.method, request.url.path, headers=_forward_headers(request), body=content,
-                query=request.url.query,
-            )
+                scope["method"], scope["path"], headers=headers, body=content,
+                query=scope.get("query_string", b"").decode("latin-1"))
         except Timeout:
             finish(504)
-            return openai_error(504, "The backend did not answer in time.", "GatewayTimeout")
+            await send_error(send, 504, "The backend did not answer in time.", "GatewayTimeout")
+            return
         except UpstreamError as exc:
             finish(502)
-            return openai_error(502, f"The backend is not reachable ({type(exc).__name__}).",
-                                "BadGateway")
+            await send_error(send, 502, f"The backend is not reachable ({type(exc).__name__}).",
+                             "BadGateway")
+            return
+        status = response.status
+        out = [(k, v) for k, v in response.raw_headers if k.lower() not in _RESPONSE_DROP_RAW]
         event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
-        headers = {k: v for k, v in response.headers.items() if k.lower() not in RESPONSE_DROP}
         length = response.content_length
         if not event_stream and length is not None and length <= SMALL_BODY_BYTES:
             # A whole small answer (a non-streamed completion) is already on its way: one send.
@@ -507,33 +534,83 @@ class Gateway:
                 whole = await response.read()
             except (UpstreamError, TimeoutError):
                 finish(502)
-                return openai_error(502, "The backend stopped answering mid-response.",
-                                    "BadGateway")
+                await send_error(send, 502, "The backend stopped answering mid-response.",
+                                 "BadGateway")
+                return
             finally:
                 response.release()
-            finish(response.status)
-            return Response(whole, status_code=response.status, headers=headers)
+            finish(status)
+            out.append((b"content-length", str(len(whole)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": out})
+            await send({"type": "http.response.body", "body": whole})
+            return
+        gone = False
 
-        async def body() -> AsyncIterator[bytes]:
+        async def watch() -> None:  # the client going away closes the upstream answer
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            response.close()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": out})
             try:
                 async for chunk in response.content.iter_any():
-                    yield chunk
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (UpstreamError, TimeoutError) as exc:  # the backend went away mid-answer
-                log.warning("backend stream broke off (%s)", type(exc).__name__)
-                if event_stream:
-                    error = {"error": {"message": "The backend stopped answering mid-stream.",
-                                       "type": "BadGateway", "param": None, "code": 502}}
-                    yield f"data: {json.dumps(error)}\n\n".encode()
-            finally:
-                response.close()
-                finish(response.status)
-
-        async def cleanup() -> None:
+                if not gone:
+                    log.warning("backend stream broke off (%s)", type(exc).__name__)
+                    if event_stream:
+                        await send({"type": "http.response.body", "body": STREAM_BROKE,
+                                    "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
             response.close()
-            finish(response.status)
+            finish(status)
 
-        return StreamingResponse(body(), status_code=response.status, headers=headers,
-                                 background=BackgroundTask(cleanup))
+
+async def read_asgi_body(scope: Scope, receive: Receive) -> bytes | Refusal | None:
+    """The request body; a 413 as soon as it is known to be over the limit; None when the
+    client went away."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            if value.isdigit() and int(value) > MAX_BODY_BYTES:
+                return TOO_LARGE
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return TOO_LARGE
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk
+            chunks.append(chunk)
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def send_error(send: Send, status: int, message: str, kind: str,
+                     code: str | int | None = None) -> None:
+    """An OpenAI error answer, sent in plain ASGI."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                 "code": code or status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_refusal(send: Send, refusal: Refusal) -> None:
+    await send_error(send, refusal.status, refusal.message, refusal.kind, refusal.code)
 
 
 def _lax_bool(value: object) -> bool:

@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -189,7 +189,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 #: how the public port's server runs (the gateway benchmark uses the same)
 GATEWAY_SERVER_OPTIONS: dict[str, Any] = {
-    "log_config": None, "access_log": False, "lifespan": "off", "timeout_graceful_shutdown": 5}
+    "log_config": None, "access_log": False, "lifespan": "off", "timeout_graceful_shutdown": 5,
+    "http": "httptools", "interface": "asgi3"}
 
 
 def proxy_client(base_url: str, *, headers: dict[str, str] | None = None) -> Upstream:
@@ -486,7 +487,18 @@ def serve(
     async def main() -> int:
         return await Service(startup, host=host, on_ready=on_ready, snapshots=snapshots).run()
 
-    return asyncio.run(main())
+    return run_event_loop(main())
+
+
+def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop where it is installed (the public port's cost per request and per
+    streamed chunk: benchmarks/gateway.py), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 __all__ = ["serve", "resolve", "Service", "Startup"]

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
+KEEPALIVE_SECS = 4.0
 Timeout = (aiohttp.ServerTimeoutError, TimeoutError)
 #: errors that mean the backend did not answer properly
 UpstreamError = aiohttp.ClientError
@@ -32,7 +33,10 @@ class Upstream:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                # Idle connections are dropped before the backend's own keep-alive timeout
+                # (uvicorn's 5 s in vLLM and SGLang): reusing one it has just closed answered
+                # a burst of clients with 502s (benchmarks/gateway.py, 32 streams).
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECS),
                 timeout=self.timeout,
                 auto_decompress=False,
                 headers=self.headers,
