@@ -161,7 +161,7 @@ async def stream_run(url: str, streams: int, tokens: int, rounds: int) -> tuple[
         return chunks, time.perf_counter() - start
 
 
-def streaming(direct: str, public: str, *, pairs: int, tokens: int, pids: dict[str, int],
+def streaming(direct: str, public: str, *, pairs: int, tokens: int, pids: dict[str, int | None],
               concurrency: tuple[int, ...] = (8, 32)) -> dict:
     """Streamed tokens/s direct and through the port, alternating, and the CPU per streamed
     chunk of each process while streaming through the port."""
@@ -169,7 +169,7 @@ def streaming(direct: str, public: str, *, pairs: int, tokens: int, pids: dict[s
     asyncio.run(stream_run(direct, 2, tokens, 1))  # warm up
     asyncio.run(stream_run(public, 2, tokens, 1))
     for streams in concurrency:
-        rounds = max(1, 64 // streams)
+        rounds = max(1, 256 // streams)  # 256 completions a run: long enough to average out
         runs: list[dict] = []
         for _ in range(pairs):
             pair: dict = {}
@@ -315,7 +315,7 @@ def vllm_run(args: argparse.Namespace) -> dict:
                          seconds=args.vllm_seconds, ttft=30, tokens=8)
         assert server.process is not None
         pids = {"entrypoint": server.process.pid,
-                "vllm_api_server": find_backend(server.process.pid)}
+                "vllm_api_server": find_backend(server.process.pid), "load_generator": None}
         result["streaming_64_tokens"] = streaming(direct, server.url, pairs=args.pairs,
                                                   tokens=64, pids=pids)
         return result
@@ -408,11 +408,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="alternating pairs per figure")
     parser.add_argument("--start", action="store_true",
                         help="also compare serve's start with bare vLLM's (static, dynamic)")
+    parser.add_argument("--only-start", action="store_true", help="only that comparison")
     args = parser.parse_args()
     if args.serve_gateway:
         serve_gateway(args.serve_gateway[0], int(args.serve_gateway[1]))
         return
-    result = {"machine": {"cpus": os.cpu_count()}, "standin": standin_run(args)}
+    result: dict = {"machine": {"cpus": os.cpu_count()}}
+    if args.only_start:
+        result["start_100_adapters"] = start_run(args)
+        print(json.dumps(result, indent=2))
+        return
+    result["standin"] = standin_run(args)
     print(json.dumps(result, indent=1), flush=True)
     if not args.skip_vllm:
         result["vllm_cpu"] = vllm_run(args)

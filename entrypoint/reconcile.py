@@ -280,6 +280,8 @@ class Reconciler:
             return False  # refused: failed until its files change
         if not state.serving or self._lost(state, actual):
             return True  # not loaded; unloaded behind our back, lost in a restart, moved
+        if record.state is State.REMOVING:
+            return True  # its folder is back (or an API unload was undone) mid-removal
         # (an API load from another folder can bring files with the same fingerprint)
         return record.loaded_version != folder.fingerprint or record.source != folder.path
 
@@ -328,6 +330,8 @@ class Reconciler:
                     await self._restore(name)
                 if not folder.valid:
                     self._record_invalid(folder)
+                elif self._call_off_removal(state, folder, actual):
+                    pass
                 elif state is None or state.refused != folder.fingerprint:
                     await self._load(folder, actual)
         except Exception as exc:  # never let one adapter take the loop down
@@ -342,6 +346,21 @@ class Reconciler:
                 self._wake()
 
     # ---- acting ----
+
+    def _call_off_removal(self, state: AdapterState | None, folder: AdapterFolder,
+                          actual: dict[str, str] | None) -> bool:
+        """A removal whose unload has not happened yet, of the very files the folder holds
+        again (moved out and back, an API unload undone): served again as it is. Found by the
+        chaos run: it stayed `removing`, refused, while the backend held it."""
+        if (state is None or state.record.state is not State.REMOVING or not state.serving
+                or self._lost(state, actual)
+                or state.record.loaded_version != folder.fingerprint):
+            return False
+        assert state.record.loaded_path is not None
+        state.loaded(state.record.loaded_path, folder.fingerprint)
+        log.info("adapter %s: its removal is called off: the same files are wanted again",
+                 folder.name)
+        return True
 
     def _record_invalid(self, folder: AdapterFolder) -> None:
         reason = folder.problem or "invalid"

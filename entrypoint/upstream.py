@@ -48,7 +48,12 @@ class Upstream:
                    body: bytes | None = None, query: str = "") -> aiohttp.ClientResponse:
         """Send a request; the caller reads (or streams) and releases the response."""
         url = self.base_url + path + (f"?{query}" if query else "")
-        return await self.session.request(method, url, headers=headers, data=body)
+        try:
+            return await self.session.request(method, url, headers=headers, data=body)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # A pooled connection the backend closed as we reused it (its keep-alive timer, late
+            # on a starved event loop): the request never reached it. Once more, on a new one.
+            return await self.session.request(method, url, headers=headers, data=body)
 
     async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, bytes]:
         """A small GET: status and whole body."""

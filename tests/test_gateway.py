@@ -429,3 +429,34 @@ def test_load_inplace_is_read_as_vllm_reads_it(value, expected):
     from entrypoint.gateway import _lax_bool
 
     assert _lax_bool(value) is expected
+
+
+def test_a_connection_the_backend_closes_as_it_is_reused_is_retried_once():
+    """vLLM's keep-alive timer can close an idle pooled connection just as it is reused (its
+    event loop starved by the engine): that request never reached it, so it is sent again."""
+
+    async def scenario() -> tuple[int, int]:
+        seen = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal seen
+            await reader.readuntil(b"\r\n\r\n")
+            seen += 1
+            if seen > 1:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = Upstream(f"http://127.0.0.1:{port}")
+        try:
+            response = await client.send("POST", "/v1/completions", body=b"{}")
+            status = response.status
+            await response.read()
+        finally:
+            await client.close()
+            server.close()
+        return status, seen
+
+    assert asyncio.run(scenario()) == (200, 2)

@@ -413,3 +413,33 @@ def test_a_full_cache_disk_is_reported_and_recovers(setup, library, tmp_path):
         asyncio.run(scenario())
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_folder_moved_out_and_back_mid_removal_is_served_again(setup, library, tmp_path):
+    """Its unload failed (the backend was down), so the removal was still pending when the very
+    same files came back (`mv` keeps them as they were): served again, not stuck `removing`."""
+    source, backend, registry, reconciler = setup
+
+    async def failing_unload(client, name) -> Reply:
+        backend.calls.append(("unload", name))
+        return Reply(Outcome.TRANSIENT, "ConnectError")
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        assert registry.get("alpha").state is State.READY
+        real_unload = backend.unload
+        backend.unload = failing_unload
+        (source / "alpha").rename(tmp_path / "alpha-away")
+        await settle(reconciler)
+        assert registry.get("alpha").state is State.REMOVING  # its unload is to be retried
+        (tmp_path / "alpha-away").rename(source / "alpha")
+        backend.unload = real_unload
+        await asyncio.sleep(0.6)  # past the unload's backoff
+        for _ in range(3):
+            await settle(reconciler)
+        record = registry.get("alpha")
+        assert record.state is State.READY and record.servable, record
+        assert "alpha" in backend.served
+
+    asyncio.run(scenario())
