@@ -172,7 +172,7 @@ def check_adapters(
     derived from them for the backend of the profile `serve` would choose.
     """
     from .launch import plan_backend
-    from .service import choose_profile, judge_adapters
+    from .service import choose_profile, judge_adapters, kept_intent
 
     settings = _settings(need_model=False, peft_source=folder)
     if settings.peft_source is None:
@@ -180,7 +180,7 @@ def check_adapters(
         return
     try:
         backend = plan_backend(settings, choose_profile(settings, dry_run=True)[0])
-        adapters, limit = judge_adapters(settings, backend)
+        adapters, limit = judge_adapters(settings, backend, kept_intent(settings))
     except ConfigError as exc:
         fail(str(exc))
         return

@@ -31,11 +31,11 @@ class Intent:
     unloaded: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, file: Path, *, quiet: bool = False) -> Intent:
+    def read(cls, file: Path) -> Intent:
         """The requests kept in `file`; none when it does not exist. A file that cannot be read
         is set aside (renamed `*.bad-<time>`) with one warning, and an entry that is not a valid
         name and an absolute path is dropped with one warning each: never a reason not to
-        start. `quiet`: no warnings for skipped entries (a second read)."""
+        start."""
         intent = cls(file=file)
         try:
             data = json.loads(file.read_text())
@@ -57,13 +57,13 @@ class Intent:
             problem = _entry_problem(name, path, path=True)
             if problem is None:
                 intent.loaded[name] = Path(path)
-            elif not quiet:
+            else:
                 log.warning("%s: skipped the API adapter %s: %s", file, ascii(name), problem)
         for name, fingerprint in unloaded.items():
             problem = _entry_problem(name, fingerprint, path=False)
             if problem is None:
                 intent.unloaded[name] = fingerprint
-            elif not quiet:
+            else:
                 log.warning("%s: skipped the API unload of %s: %s", file, ascii(name), problem)
         return intent
 

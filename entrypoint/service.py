@@ -62,6 +62,9 @@ class Startup:
     adapters: tuple[AdapterFolder, ...]
     #: static adapters that could not be served, and why (their snapshot failed)
     skipped: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: what runtime API calls asked for before this start, read once (the reconciler's to
+    #: change from here on); None when the API is off
+    intent: Intent | None = None
 
     @property
     def rank_limit(self) -> RankLimit:
@@ -98,19 +101,22 @@ def intent_file(settings: Settings) -> Path:
     return settings.cache_path.expanduser().resolve() / "adapter-api" / f"{name}.json"
 
 
+def kept_intent(settings: Settings) -> Intent | None:
+    """The runtime API's decisions kept from earlier runs (None when the API is off)."""
+    return Intent.read(intent_file(settings)) if settings.api_enabled else None
+
+
 def judge_adapters(
-    settings: Settings, backend: Backend
+    settings: Settings, backend: Backend, intent: Intent | None = None
 ) -> tuple[tuple[AdapterFolder, ...], RankLimit]:
     """The folders under NIM_PEFT_SOURCE now, and the rank limit they give (NIM_MAX_LORA_RANK,
     or derived from them and from the adapters kept from runtime API loads), each folder judged
     against it. `serve` and `check-adapters` both use this, so they agree on every folder."""
     found = [] if settings.peft_source is None else scan_source(
         settings.peft_source, served_name=settings.served_name)
-    kept = []
-    if settings.api_enabled and intent_file(settings).exists():
-        kept = [inspect_folder(path, name=name) for name, path in
-                Intent.read(intent_file(settings), quiet=True).loaded.items()
-                if outside_roots(str(path), settings.api_roots) is None]
+    kept = [] if intent is None else [
+        inspect_folder(path, name=name) for name, path in intent.loaded.items()
+        if outside_roots(str(path), settings.api_roots) is None]
     limit = rank_limit(settings, backend, [*found, *kept])
     return tuple(limit.apply(folder) for folder in found), limit
 
@@ -129,7 +135,8 @@ def resolve(
     """
     profile, notes = choose_profile(settings, dry_run=dry_run)
     backend = plan_backend(settings, profile)
-    adapters, limit = judge_adapters(settings, backend)
+    intent = kept_intent(settings)
+    adapters, limit = judge_adapters(settings, backend, intent)
     skipped: dict[str, str] = {}
     paths: dict[str, Path] = {}
     if snapshots is not None and not settings.dynamic:
@@ -154,7 +161,7 @@ def resolve(
     log.info("selected profile %s (%s): %s; rank limit %s", profile.name, profile.id,
              profile.backend, limit.describe())
     return Startup(settings=settings, plan=plan, adapters=adapters,
-                   skipped=MappingProxyType(skipped))
+                   skipped=MappingProxyType(skipped), intent=intent)
 
 
 def snapshot_store(settings: Settings) -> SnapshotStore:
@@ -275,8 +282,7 @@ class Service:
                 traffic=self.traffic,
                 metrics=self.metrics,
                 wake=self._poke_watcher,
-                intent=Intent.read(intent_file(self.settings)) if self.settings.api_enabled
-                else None,
+                intent=startup.intent,
                 api_roots=self.settings.api_roots,
             )
             self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync,
