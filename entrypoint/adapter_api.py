@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,8 +143,8 @@ class AdapterAPI:
                                 f"loaded: {problem}.")
         previous = intent.loaded.get(name)
         intent.loaded[name] = path
-        if (saved := await self._save(name, previous)) is not None:
-            return saved
+        if (unsaved := self._keep(lambda: self._put_back(name, previous))) is not None:
+            return unsaved
         await self.reconciler.converge(name, timeout=self.timeout)
         record = self.registry.get(name)
         if (record is not None and record.servable and record.source == path
@@ -176,11 +176,9 @@ class AdapterAPI:
                                     "(from its folder in NIM_PEFT_SOURCE).")
         else:
             fingerprint = intent.unloaded.pop(name)
-            try:
-                intent.save()
-            except OSError as exc:
-                intent.unloaded[name] = fingerprint
-                return self._cannot_save(exc)
+            if (unsaved := self._keep(lambda: intent.unloaded.update({name: fingerprint}))
+                    ) is not None:
+                return unsaved
         await self.reconciler.converge(name, timeout=self.timeout)
         record = self.registry.get(name)
         if record is not None and record.servable:
@@ -216,13 +214,13 @@ class AdapterAPI:
             return Answer.error(404, f"The lora adapter '{name}' cannot be found.")
         if hide is not None:
             intent.unloaded[name] = hide
-        try:
-            intent.save()
-        except OSError as exc:
+
+        def undo() -> None:
             intent.unloaded.pop(name, None)
-            if previous is not None:
-                intent.loaded[name] = previous
-            return self._cannot_save(exc)
+            self._put_back(name, previous)
+
+        if (unsaved := self._keep(undo)) is not None:
+            return unsaved
         await self.reconciler.converge(name, timeout=self.timeout)
         record = self.registry.get(name)
         if record is None or record.state is State.UNLOADED:
@@ -233,37 +231,31 @@ class AdapterAPI:
 
     # ---- helpers ----
 
-    async def _save(self, name: str, previous: Path | None) -> Answer | None:
-        """Keep the intent; on failure put `name` back to `previous` and say why."""
+    def _keep(self, undo: Callable[[], None]) -> Answer | None:
+        """Write the intent just changed; when it cannot be written, `undo` the change and say
+        why (a decision a restart would not remember is not taken)."""
         assert self.reconciler is not None
-        intent = self.reconciler.intent
         try:
-            intent.save()
+            self.reconciler.intent.save()
             return None
         except OSError as exc:
-            if previous is None:
-                intent.loaded.pop(name, None)
-            else:
-                intent.loaded[name] = previous
-            return self._cannot_save(exc)
+            undo()
+            return Answer.error(500, f"Cannot write {self.reconciler.intent.file} under "
+                                f"NIM_CACHE_PATH ({exc.strerror or exc}); make it writable.")
 
-    def _cannot_save(self, exc: OSError) -> Answer:
+    def _put_back(self, name: str, previous: Path | None) -> None:
+        """The API adapter `name` from `previous` again (None: not an API adapter)."""
         assert self.reconciler is not None
-        return Answer.error(500, f"Cannot write {self.reconciler.intent.file} under "
-                            f"NIM_CACHE_PATH ({exc.strerror or exc}); make it writable.")
+        if previous is None:
+            self.reconciler.intent.loaded.pop(name, None)
+        else:
+            self.reconciler.intent.loaded[name] = previous
 
     async def _revert(self, name: str, previous: Path | None) -> None:
         """Undo a load that failed: the previous folder (or none) again, acted on."""
         assert self.reconciler is not None
-        intent = self.reconciler.intent
-        if previous is None:
-            intent.loaded.pop(name, None)
-        else:
-            intent.loaded[name] = previous
-        try:
-            intent.save()
-        except OSError as exc:
-            log.warning("cannot write %s (%s)", intent.file, exc.strerror or exc)
+        self._put_back(name, previous)
+        self.reconciler.intent.save_or_warn()
         await self.reconciler.converge(name, timeout=self.timeout)  # nothing of it stays
 
     async def _serialised(self, name: str, call: Coroutine[None, None, Answer]) -> Answer:

@@ -80,6 +80,15 @@ class Intent:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, self.file)
 
+    def save_or_warn(self) -> None:
+        """`save`, and when the file cannot be written, say so in one warning (for changes that
+        are made whether or not a restart will remember them)."""
+        try:
+            self.save()
+        except OSError as exc:
+            log.warning("cannot write %s (%s); a restart will not remember the last runtime "
+                        "API change", self.file, exc.strerror or exc)
+
 
 def _entry_problem(name: str, value: object, *, path: bool) -> str | None:
     """Why an entry of the file cannot be used (a hand edit, another version), or None."""

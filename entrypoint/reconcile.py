@@ -184,14 +184,7 @@ class Reconciler:
             log.info("adapter %s: its folder %s since it was unloaded through the API; "
                      "the folder decides again", name, "changed" if folder else "is gone")
         if lifted:
-            self._save_intent()
-
-    def _save_intent(self) -> None:
-        try:
-            self.intent.save()
-        except OSError as exc:
-            log.warning("cannot write %s (%s); a restart will not remember the last runtime "
-                        "API change", self.intent.file, exc.strerror or exc)
+            self.intent.save_or_warn()
 
     async def wait_idle(self) -> None:
         """Wait until no per-name work is in flight."""

@@ -335,3 +335,27 @@ def test_an_api_load_above_a_derived_rank_limit_says_how_to_raise_it(world, libr
     copy_adapter(library / "big", world.allowed / "big")
     answer = asyncio.run(world.api.load("big", str(world.allowed / "big")))
     assert answer.status == 400 and "set NIM_MAX_LORA_RANK=64 and restart" in answer.message
+
+
+def test_a_decision_that_cannot_be_kept_is_not_taken(world, library, tmp_path):
+    """When the intent file cannot be written, the call is a 500 naming it and nothing changes
+    (a restart would otherwise undo what the call answered)."""
+    copy_adapter(library / "alpha", world.allowed / "a1")
+    copy_adapter(library / "beta", world.source / "beta")
+
+    async def scenario():
+        await world.settle()
+        assert (await world.api.load("kept", str(world.allowed / "a1"))).ok
+        (tmp_path / "not-a-folder").write_text("")
+        world.reconciler.intent.file = tmp_path / "not-a-folder" / "tiny.json"
+        for call in (world.api.load("new", str(world.allowed / "a1")),
+                     world.api.load("kept", str(world.allowed / "a1"), replace=True),
+                     world.api.unload("kept"), world.api.unload("beta")):
+            answer = await call
+            assert answer.status == 500 and "not-a-folder" in answer.message, answer
+        intent = world.reconciler.intent
+        assert intent.loaded == {"kept": world.allowed / "a1"} and intent.unloaded == {}
+        await world.settle()
+        assert {"kept", "beta"} <= set(world.backend.served) and "new" not in world.backend.served
+
+    asyncio.run(scenario())
