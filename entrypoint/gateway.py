@@ -91,9 +91,13 @@ class GatewayState:
     api: AdapterAPI | None = None
 
 
+def error_body(status: int, message: str, kind: str, code: str | int | None = None) -> dict:
+    """An OpenAI error body."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code or status}}
+
+
 def openai_error(status: int, message: str, kind: str, code: str | int | None = None) -> Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code or status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(status, message, kind, code), status_code=status)
 
 
 # ---- routing a request body: pure decisions, no I/O ----
@@ -170,12 +174,9 @@ def resolve(
     is an adapter, accepted only while `adapters.ready` has it; `request_model(served_name,
     adapter)` is the name the backend wants in the body. Reads `adapters`, changes nothing.
     """
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return Refusal(400, "Request body is not valid JSON.", "BadRequestError")
-    if not isinstance(body, dict):
-        return Refusal(400, "Request body must be a JSON object.", "BadRequestError")
+    body = json_object(raw)
+    if isinstance(body, Refusal):
+        return body
     model = body.get("model")
     if "lora_path" in body:
         return Refusal(
@@ -195,6 +196,17 @@ def resolve(
     return Target(model, name, raw)
 
 
+def json_object(raw: bytes) -> dict | Refusal:
+    """A request body that must be a JSON object, or the 400 saying it is not."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return Refusal(400, "Request body is not valid JSON.", "BadRequestError")
+    if not isinstance(body, dict):
+        return Refusal(400, "Request body must be a JSON object.", "BadRequestError")
+    return body
+
+
 def describe(record: AdapterRecord) -> dict:
     """An adapter as `/v1/adapters` shows it."""
     return {
@@ -210,20 +222,6 @@ def describe(record: AdapterRecord) -> dict:
         "source": display_name(str(record.source)) if record.source else None,
         "since": datetime.fromtimestamp(record.since, UTC).isoformat(timespec="seconds"),
     }
-
-
-async def read_body(request: Request) -> bytes | Refusal:
-    """The request body, or a 413 as soon as it is known to be over the limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return TOO_LARGE
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return TOO_LARGE
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 # ---- the public application ----
@@ -401,16 +399,10 @@ class Gateway:
         """The JSON object of an API call, or why there is none."""
         if (refused := self._api().refusal()) is not None:
             return refused
-        raw = await read_body(request)
-        if isinstance(raw, Refusal):
-            return Answer.error(raw.status, raw.message)
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return Answer.error(400, "Request body is not valid JSON.")
-        if not isinstance(body, dict):
-            return Answer.error(400, "Request body must be a JSON object.")
-        return body
+        raw = await read_asgi_body(request.scope, request.receive)
+        body = Refusal(400, "The client went away.", "") if raw is None else (
+            raw if isinstance(raw, Refusal) else json_object(raw))
+        return Answer.error(body.status, body.message) if isinstance(body, Refusal) else body
 
     def _vllm_answer(self, request: Request, answer: Answer, name: object = None) -> Response:
         self._log_api(request, answer, name)
@@ -601,8 +593,7 @@ async def read_asgi_body(scope: Scope, receive: Receive) -> bytes | Refusal | No
 async def send_error(send: Send, status: int, message: str, kind: str,
                      code: str | int | None = None) -> None:
     """An OpenAI error answer, sent in plain ASGI."""
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None,
-                                 "code": code or status}}).encode()
+    body = json.dumps(error_body(status, message, kind, code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})

@@ -359,3 +359,26 @@ def test_a_decision_that_cannot_be_kept_is_not_taken(world, library, tmp_path):
         assert {"kept", "beta"} <= set(world.backend.served) and "new" not in world.backend.served
 
     asyncio.run(scenario())
+
+
+def test_api_bodies_that_are_not_a_json_object_get_a_400_in_either_form(world):
+    from entrypoint.backends.vllm import VLLMBackend
+    from entrypoint.gateway import MAX_BODY_BYTES, GatewayState, build_app
+    from entrypoint.upstream import Upstream
+
+    state = GatewayState(served_name="tiny", backend=VLLMBackend(), registry=world.registry,
+                         client=Upstream("http://127.0.0.1:9"), api=world.api)
+
+    async def post(path: str, content: bytes) -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            return await client.post(path, content=content)
+
+    for content, message in ((b"{nope", "not valid JSON"), (b"[1]", "must be a JSON object"),
+                             (b"x" * (MAX_BODY_BYTES + 1), "over 32 MiB")):
+        vllm = asyncio.run(post("/v1/load_lora_adapter", content))
+        assert vllm.status_code in (400, 413) and message in vllm.json()["error"]["message"]
+        sglang = asyncio.run(post("/load_lora_adapter", content))
+        assert sglang.status_code == 400 and message in sglang.json()["error_message"]
+        assert sglang.json()["success"] is False
+    assert world.backend.calls == []
