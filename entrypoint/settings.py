@@ -253,10 +253,15 @@ class Settings(BaseSettings):
         return self.dynamic and self.peft_api_enabled
 
     @property
+    def api_allowed_paths(self) -> list[str]:
+        """NIM_PEFT_API_ALLOWED_PATHS, as listed (empty entries left out)."""
+        return [p for p in (self.peft_api_allowed_paths or "").split(":") if p.strip()]
+
+    @property
     def api_roots(self) -> tuple[Path, ...]:
         """The folders runtime API loads may read from: NIM_PEFT_SOURCE, then
         NIM_PEFT_API_ALLOWED_PATHS, each with its links resolved."""
-        listed = [Path(p) for p in (self.peft_api_allowed_paths or "").split(":") if p.strip()]
+        listed = [Path(p) for p in self.api_allowed_paths]
         roots = [self.peft_source, *listed] if self.peft_source is not None else listed
         return tuple(Path(os.path.realpath(root.expanduser())) for root in roots)
 
@@ -326,8 +331,8 @@ class Settings(BaseSettings):
                     f"NIM_PEFT_SOURCE={self.peft_source}: is a file, not a folder; point it at "
                     "the folder that holds one sub-folder per adapter"
                 )
-        for allowed in (self.peft_api_allowed_paths or "").split(":"):
-            if allowed.strip() and not Path(allowed).is_absolute():
+        for allowed in self.api_allowed_paths:
+            if not Path(allowed).is_absolute():
                 raise ConfigError(
                     f"NIM_PEFT_API_ALLOWED_PATHS={self.peft_api_allowed_paths}: {allowed!r} is "
                     "not an absolute path; list absolute folders separated by ':'"
