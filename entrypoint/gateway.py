@@ -219,7 +219,7 @@ def describe(record: AdapterRecord) -> dict:
         "size": record.size,
         "version": record.version,
         "served_version": record.loaded_version or None,
-        "source": display_name(str(record.source)) if record.source else None,
+        "source": record.url or (display_name(str(record.source)) if record.source else None),
         "since": datetime.fromtimestamp(record.since, UTC).isoformat(timespec="seconds"),
     }
 
@@ -283,7 +283,7 @@ class Gateway:
                 continue
             record = state.registry.ready(card["id"])
             if record is not None:  # only adapters we serve; the folder is what users know
-                root = display_name(str(record.source or card.get("root")))
+                root = record.url or display_name(str(record.source or card.get("root")))
                 served.append({**card, "root": root})
         return JSONResponse({"object": "list", "data": served})
 

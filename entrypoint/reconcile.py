@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from .backends import Backend, Outcome, Reply
 from .intent import Intent
 from .metrics import Metrics
 from .registry import AdapterState, Registry, State, Traffic
+from .s3 import S3Scanner, S3Url
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,10 @@ class Reconciler:
         backend: Backend,
         client: httpx.AsyncClient,
         registry: Registry,
-        source: Path,
+        source: Path | S3Url,
         served_name: str,
         rank_limit: RankLimit | None,
+        scanner: AdapterScanner | S3Scanner | None = None,
         snapshots: SnapshotStore | None = None,
         traffic: Traffic | None = None,
         metrics: Metrics | None = None,
@@ -74,7 +75,10 @@ class Reconciler:
         self.backend = backend
         self.client = client
         self.registry = registry
-        self.scanner = AdapterScanner(source, limit=rank_limit, served_name=served_name)
+        if scanner is None:
+            assert isinstance(source, Path), "an s3:// source comes with its scanner"
+            scanner = AdapterScanner(source, limit=rank_limit, served_name=served_name)
+        self.scanner = scanner
         self.snapshots = snapshots
         self.traffic = traffic or Traffic()
         self.metrics = metrics
@@ -204,14 +208,14 @@ class Reconciler:
             return problem is not None
         self._source_problem = problem
         if problem is None:
-            log.info("NIM_PEFT_SOURCE=%s is readable again; reconciling", self.scanner.source)
+            log.info("NIM_PEFT_SOURCE=%s can be read again; reconciling", self.scanner.source)
             for state in self.registry.states():
                 if state.record.reason.startswith(SOURCE_GONE):
                     state.note("")
             return False
-        log.error("NIM_PEFT_SOURCE=%s: %s; still serving the %d adapters loaded before, and "
-                  "looking again every pass (check the volume mount)", self.scanner.source,
-                  problem, len(self.registry.ready_names()))
+        log.error("NIM_PEFT_SOURCE=%s: %s; still serving the %d adapters loaded before, %s",
+                  self.scanner.source, problem, len(self.registry.ready_names()),
+                  self.scanner.retry_hint)
         for state in self.registry.states():
             state.note(f"{SOURCE_GONE} ({problem}); " + (
                 "still serving the version loaded before" if state.record.servable
@@ -376,8 +380,7 @@ class Reconciler:
         files are refused (the state says so)."""
         if self.snapshots is None:
             return folder.path
-        roots = self.api_roots if folder.origin is Origin.API else (
-            Path(os.path.realpath(self.scanner.source)),)
+        roots = self.api_roots if folder.origin is Origin.API else self.scanner.roots
         try:
             path = await asyncio.to_thread(self.snapshots.take, folder, roots=roots)
         except SnapshotRefused as exc:

@@ -51,6 +51,7 @@ class AdapterRecord:
     reason: str = ""
     since: float = field(default_factory=time.time)
     origin: Origin = Origin.FOLDER
+    url: str = ""  # its object URL (an s3:// source), shown as its source
 
     @property
     def servable(self) -> bool:
@@ -92,7 +93,7 @@ class AdapterState:
 
     def _describe(self, folder: AdapterFolder) -> dict[str, Any]:
         return {"source": folder.path, "version": folder.fingerprint, "rank": folder.rank,
-                "size": folder.size, "origin": folder.origin}
+                "size": folder.size, "origin": folder.origin, "url": folder.url}
 
     # ---- transitions ----
 

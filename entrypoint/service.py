@@ -24,7 +24,7 @@ import uvicorn
 
 from . import __version__
 from .adapter_api import AdapterAPI
-from .adapters import AdapterFolder, RankLimit, inspect_folder, outside_roots, scan_source
+from .adapters import AdapterFolder, AdapterScanner, RankLimit, inspect_folder, outside_roots
 from .backends import Backend
 from .gateway import GatewayState, build_app
 from .hardware import detect_gpus
@@ -34,6 +34,7 @@ from .metrics import LoraRequestsInfo, Metrics
 from .profiles import Profile, load_profiles, model_parameters, select_profile
 from .reconcile import DRAIN_SECS, LATE_SWAP_WATCH_SECS, Reconciler
 from .registry import AdapterRecord, Registry, State, Traffic
+from .s3 import S3Error, S3Scanner, first_scan, source_scanner
 from .settings import ConfigError, Settings
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
 from .supervisor import BackendProcess, become_subreaper, reap_orphans
@@ -106,14 +107,52 @@ def kept_intent(settings: Settings) -> Intent | None:
     return Intent.read(intent_file(settings)) if settings.api_enabled else None
 
 
+def downloads_folder(settings: Settings) -> Path:
+    """Where adapters from an s3:// source are downloaded: one folder per host and public port
+    (like the snapshots), so two servers never delete each other's."""
+    instance = f"{socket.gethostname()}-{settings.server_port}"
+    return settings.cache_path.expanduser().resolve() / "s3" / instance
+
+
+def source_scanner_for(settings: Settings, downloads: Path,
+                       limit: RankLimit | None = None) -> AdapterScanner | S3Scanner:
+    """The scanner of NIM_PEFT_SOURCE (a folder or an s3:// prefix). Raises `ConfigError`."""
+    assert settings.peft_source is not None
+    try:
+        return source_scanner(settings.peft_source, downloads=downloads, limit=limit,
+                              served_name=settings.served_name)
+    except S3Error as exc:
+        raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: {exc}") from None
+
+
+def scan_adapters(settings: Settings, downloads: Path) -> list[AdapterFolder]:
+    """The adapters in NIM_PEFT_SOURCE now (no rank limit applied). An s3:// source whose
+    credentials or bucket are wrong stops the start (`ConfigError`); so does any failed listing
+    in static mode, which would never list again. In dynamic mode an outage is logged and the
+    adapter loop keeps trying."""
+    if settings.peft_source is None:
+        return []
+    scanner = source_scanner_for(settings, downloads)
+    if not isinstance(scanner, S3Scanner):
+        return scanner.scan()
+    found = first_scan(scanner)
+    problem = scanner.source_problem
+    if problem is not None and (scanner.fatal or not settings.dynamic):
+        raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: {problem}")
+    if problem is not None:
+        log.error("NIM_PEFT_SOURCE=%s: %s; starting without its adapters and %s",
+                  settings.peft_source, problem, scanner.retry_hint)
+    return found
+
+
 def judge_adapters(
-    settings: Settings, backend: Backend, intent: Intent | None = None
+    settings: Settings, backend: Backend, intent: Intent | None = None, *, downloads: Path
 ) -> tuple[tuple[AdapterFolder, ...], RankLimit]:
-    """The folders under NIM_PEFT_SOURCE now, and the rank limit they give (NIM_MAX_LORA_RANK,
-    or derived from them and from the adapters kept from runtime API loads), each folder judged
-    against it. `serve` and `check-adapters` both use this, so they agree on every folder."""
-    found = [] if settings.peft_source is None else scan_source(
-        settings.peft_source, served_name=settings.served_name)
+    """The adapters in NIM_PEFT_SOURCE now, and the rank limit they give (NIM_MAX_LORA_RANK,
+    or derived from them and from the adapters kept from runtime API loads), each judged
+    against it. `serve` and `check-adapters` both use this, so they agree on every adapter.
+    Adapters from an s3:// source are downloaded under `downloads`."""
+    found = scan_adapters(settings, downloads)
     kept = [] if intent is None else [
         inspect_folder(path, name=name) for name, path in intent.loaded.items()
         if outside_roots(str(path), settings.api_roots) is None]
@@ -127,16 +166,20 @@ def resolve(
     backend_port: int | None = None,
     snapshots: SnapshotStore | None = None,
     dry_run: bool = False,
+    downloads: Path | None = None,
 ) -> Startup:
     """Settings -> profile -> adapters -> rank limit -> snapshots -> launch plan, each once.
     Raises `ConfigError`.
 
     With `snapshots`, static adapters are served from snapshots taken now (a dry run takes none).
+    Adapters from an s3:// source are downloaded under `downloads` (default: this instance's
+    folder under NIM_CACHE_PATH).
     """
     profile, notes = choose_profile(settings, dry_run=dry_run)
     backend = plan_backend(settings, profile)
     intent = kept_intent(settings)
-    adapters, limit = judge_adapters(settings, backend, intent)
+    adapters, limit = judge_adapters(settings, backend, intent,
+                                     downloads=downloads or downloads_folder(settings))
     skipped: dict[str, str] = {}
     paths: dict[str, Path] = {}
     if snapshots is not None and not settings.dynamic:
@@ -271,6 +314,8 @@ class Service:
         self.backend_healthy = False  # the backend's health route answered the last probe
         source, interval = self.settings.peft_source, self.settings.peft_refresh_interval
         if source is not None and interval is not None:
+            scanner = source_scanner_for(self.settings, downloads_folder(self.settings),
+                                         self.plan.rank_limit)
             self.reconciler = Reconciler(
                 backend=self.plan.backend,
                 client=self.client,
@@ -278,6 +323,7 @@ class Service:
                 source=source,
                 served_name=self.settings.served_name,
                 rank_limit=self.plan.rank_limit,
+                scanner=scanner,
                 snapshots=snapshots,
                 traffic=self.traffic,
                 metrics=self.metrics,
@@ -285,10 +331,13 @@ class Service:
                 intent=startup.intent,
                 api_roots=self.settings.api_roots,
             )
-            self.watcher = FolderWatcher(source, interval=interval, look=self.reconciler.sync,
+            # (an object store sends no events here: it is listed every interval)
+            self.watcher = FolderWatcher(source if isinstance(source, Path) else None,
+                                         interval=interval, look=self.reconciler.sync,
                                          events=self.settings.peft_watch_events)
         self.gateway.api = AdapterAPI(
-            registry=self.registry, served_name=self.settings.served_name, source=source,
+            registry=self.registry, served_name=self.settings.served_name,
+            source=source if isinstance(source, Path) else None,
             reconciler=self.reconciler if self.settings.api_enabled else None,
             # a load may wait for requests to drain, then for the call and a late swap
             timeout=DRAIN_SECS + 2 * self.settings.peft_api_timeout_secs + LATE_SWAP_WATCH_SECS,
@@ -461,14 +510,14 @@ class Service:
                 record = AdapterRecord(name=folder.name, state=State.READY, source=folder.path,
                                        loaded_path=served[folder.name], version=folder.fingerprint,
                                        loaded_version=folder.fingerprint, rank=folder.rank,
-                                       size=folder.size)
+                                       size=folder.size, url=folder.url)
             else:
                 reason = folder.problem or self.startup.skipped.get(folder.name, "not loaded")
                 record = AdapterRecord(name=folder.name, state=State.FAILED, source=folder.path,
                                        version=folder.fingerprint, rank=folder.rank,
-                                       size=folder.size, reason=reason)
+                                       size=folder.size, reason=reason, url=folder.url)
                 log.warning("adapter %s: skipped: %s (%s)", folder.name, record.reason,
-                            folder.path)
+                            folder.url or folder.path)
             self.registry.put(record)
         if self.settings.peft_source is not None:
             log.info("static mode: NIM_PEFT_REFRESH_INTERVAL is unset, so changes to %s are "

@@ -6,6 +6,7 @@ Nothing else in the entrypoint reads `os.environ` for configuration. A bad value
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 from collections.abc import Mapping
@@ -14,6 +15,8 @@ from typing import Any
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .s3 import INSTALL, SCHEME, S3Url
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -44,6 +47,7 @@ class Settings(BaseSettings):
     """The entrypoint's configuration, read from `NIM_*` environment variables."""
 
     model_config = SettingsConfigDict(
+        arbitrary_types_allowed=True,  # S3Url
         env_prefix="NIM_",
         case_sensitive=False,
         extra="ignore",
@@ -60,10 +64,12 @@ class Settings(BaseSettings):
         default=None,
         description="The name clients use for the base model. Default: NIM_MODEL_NAME as given.",
     )
-    peft_source: Path | None = Field(
+    peft_source: Path | S3Url | None = Field(
         default=None,
         description="Folder of LoRA adapters, one sub-folder per adapter; the folder name is the "
-        "adapter name.",
+        "adapter name. Or (ours) `s3://BUCKET/PREFIX`: one sub-prefix per adapter in an "
+        "S3-compatible store, with credentials, region and endpoint from the standard AWS "
+        "variables (`AWS_ENDPOINT_URL` for stores other than AWS); needs the `s3` extra.",
     )
     peft_refresh_interval: float | None = Field(
         default=None,
@@ -168,6 +174,17 @@ class Settings(BaseSettings):
     def _bool(cls, value: Any) -> bool:
         return _parse_bool(value)
 
+    @field_validator("peft_source", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, str) and "://" in value:
+            if not value.startswith(SCHEME):
+                raise ValueError(
+                    f"only folders and {SCHEME} URLs are supported; for another object store "
+                    "use its S3-compatible endpoint (AWS_ENDPOINT_URL) with an s3:// URL")
+            return S3Url.parse(value)
+        return value
+
     @field_validator("peft_refresh_interval", mode="before")
     @classmethod
     def _interval(cls, value: Any) -> Any:
@@ -259,10 +276,10 @@ class Settings(BaseSettings):
 
     @property
     def api_roots(self) -> tuple[Path, ...]:
-        """The folders runtime API loads may read from: NIM_PEFT_SOURCE, then
+        """The folders runtime API loads may read from: NIM_PEFT_SOURCE (a folder), then
         NIM_PEFT_API_ALLOWED_PATHS, each with its links resolved."""
         listed = [Path(p) for p in self.api_allowed_paths]
-        roots = [self.peft_source, *listed] if self.peft_source is not None else listed
+        roots = [self.peft_source, *listed] if isinstance(self.peft_source, Path) else listed
         return tuple(Path(os.path.realpath(root.expanduser())) for root in roots)
 
     @property
@@ -319,7 +336,11 @@ class Settings(BaseSettings):
                     f"(uid {os.geteuid()}); make the model readable (chmod -R a+rX) or run as "
                     "its owner (docker run -u UID:GID)"
                 )
-        if self.peft_source is not None:
+        if isinstance(self.peft_source, S3Url):
+            if importlib.util.find_spec("boto3") is None:
+                raise ConfigError(f"NIM_PEFT_SOURCE={self.peft_source}: the S3 client (boto3) "
+                                  f"is not installed; {INSTALL}")
+        elif self.peft_source is not None:
             source = self.peft_source.expanduser()
             if not source.exists():
                 raise ConfigError(
@@ -396,6 +417,7 @@ def configuration_reference() -> str:
         elif name.startswith("vllm_"):
             variable = name.upper()
         kind = str(field.annotation).replace("pathlib.", "").replace("typing.", "")
+        kind = kind.replace("Path | entrypoint.s3.S3Url", "folder or s3:// URL")
         kind = kind.replace("<class '", "").replace("'>", "").replace(" | None", " (optional)")
         default = "unset" if field.default is None else f"`{field.default}`"
         description = (field.description or "").replace("|", "\\|")

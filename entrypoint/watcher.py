@@ -81,7 +81,7 @@ class FolderWatcher:
 
     def __init__(
         self,
-        source: Path,
+        source: Path | None,
         *,
         interval: float,
         look: Callable[[], Awaitable[None]],
@@ -105,7 +105,7 @@ class FolderWatcher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.events:
+        if self.events and self.source is not None:  # (None: an object store, polled)
             self._start_events(loop)
         try:
             while True:
@@ -148,6 +148,7 @@ class FolderWatcher:
         """The folders to watch: the source ("") and each non-hidden folder directly in it."""
         wanted: dict[str, tuple[int, str]] = {}
         try:
+            assert self.source is not None  # (watched only when there is a folder)
             wanted[""] = (os.stat(self.source).st_ino, str(self.source))
             with os.scandir(self.source) as it:
                 for entry in it:

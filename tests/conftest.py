@@ -93,3 +93,25 @@ def fake_gpus(tmp_path, monkeypatch):
         return {"PATH": path}
 
     return use
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on loopback, for the whole run."""
+    from tests.s3store import S3Store
+
+    store = S3Store(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def bucket(s3_store, request) -> str:
+    """A fresh bucket of the store, named after the test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
+    s3_store.client().create_bucket(Bucket=name)
+    return name

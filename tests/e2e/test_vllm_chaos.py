@@ -27,7 +27,7 @@ import pytest
 
 from entrypoint.adapters import inspect_folder
 from tests.chaos_ops import CONFIG, FOLDER_CHANGES, WEIGHTS, change_folder
-from tests.e2e.server import free_port, make_source, tiny_env
+from tests.e2e.server import free_port, make_source, tiny_env, wait_until
 
 pytestmark = pytest.mark.e2e
 NAMES = ("chaos-1", "chaos-2", "chaos-3", "chaos-4")
@@ -165,26 +165,31 @@ def test_chaos_on_the_real_vllm(setup):
             had.setdefault(name, set()).add(valid_weights(name))
         time.sleep(rng.random() * 0.3)
 
-    def settled() -> bool:
+    def unsettled() -> list[str]:
+        """Why the service has not settled on the folder yet (nothing: settled)."""
         listed = server.adapters()
-        served = set(server.models())  # what vLLM itself lists (and we route to)
+        served = set(server.models())  # what the port lists (and routes to)
+        why = []
         for name in NAMES:
             record = listed.get(name, {})
             state = record.get("state")
             folder = source / name
+            seen = f"{name}: {record or 'no record'}"
             if folder.is_dir() and record.get("version") != inspect_folder(folder).fingerprint:
-                return False  # the service has not seen the folder's last change yet
+                why.append(f"{seen}: the folder's last change not seen yet")
+                continue
             wanted = valid_weights(name)
             if state in ("loading", "removing") or (wanted is not None and state != "ready"):
-                return False
-            if wanted is not None and (record["served_version"] != record["version"]
-                                       or name not in served):
-                return False
-            if state == "ready" and "retried" in (listed[name]["reason"] or ""):
-                return False
-            if not (source / name).is_dir() and name in listed:
-                return False
-        return True
+                why.append(f"{seen}: valid files not ready" if wanted is not None
+                           else f"{seen}: still {state}")
+            elif wanted is not None and (record["served_version"] != record["version"]
+                                         or name not in served):
+                why.append(f"{seen}: not serving its current files (listed: {sorted(served)})")
+            elif state == "ready" and "retried" in (record["reason"] or ""):
+                why.append(f"{seen}: a retry is due")
+            elif not folder.is_dir() and name in listed:
+                why.append(f"{seen}: removed, still listed")
+        return why
 
     def check() -> None:
         nonlocal checks
@@ -192,7 +197,8 @@ def test_chaos_on_the_real_vllm(setup):
         clients.pause()
         httpx.delete(shim + "/__faults")  # a quiet period: no new faults either
         try:
-            server.wait_for(settled, timeout=90, what="a quiet adapter folder")
+            wait_until(unsettled, lambda why: not why, timeout=90,
+                       what="a quiet adapter folder", context=server._tail)
             for name in NAMES:
                 wanted = valid_weights(name)
                 error = server.error_of(name)

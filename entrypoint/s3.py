@@ -1,0 +1,436 @@
+"""Adapters from an S3-compatible object store: `NIM_PEFT_SOURCE=s3://BUCKET/PREFIX`.
+
+Each immediate sub-prefix `PREFIX/NAME/` is one adapter, named and validated like a folder. A
+pass lists the prefix (one call per 1,000 keys) and fingerprints each adapter by its keys, sizes
+and ETags, so an unchanged store costs the listing and nothing else. An adapter is downloaded
+only once it is complete (its config and weights listed, and its objects unchanged across two
+listings, or older than `SETTLE_SECS` by the store's clock, or the config changed last), into
+`<downloads>/.tmp-*` and renamed into place; from there it goes through the same validation,
+snapshot and load as a folder. Objects are fetched with `If-Match` on the listed ETag, so a
+download never mixes an object's old and new versions.
+
+A failed listing is `source_problem` (never an empty store: nothing is unloaded for it), retried
+with backoff. Credentials, region and endpoint come from the standard AWS chain (boto3).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import email.utils
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .adapters import (
+    CONFIG_FILE,
+    MAX_CONFIG_BYTES,
+    WEIGHT_FILES,
+    AdapterFolder,
+    AdapterScanner,
+    RankLimit,
+    display_name,
+    inspect_folder,
+    name_problem,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEME = "s3://"
+#: objects unchanged this long (two listings apart, or by the store's clock) are complete
+SETTLE_SECS = 1.0
+BACKOFF_BASE_SECS = 1.0
+BACKOFF_MAX_SECS = 60.0
+DOWNLOADERS = 8
+CHUNK = 1 << 20
+INSTALL = "pip install 'lora-entrypoint[s3]' (the container image includes it)"
+
+
+class S3Error(Exception):
+    """An S3 source that cannot be used; the message names the variable to fix."""
+
+
+@dataclass(frozen=True)
+class S3Url:
+    """`s3://BUCKET/PREFIX`: the prefix is empty or ends with '/'."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> S3Url:
+        """Raises ValueError (with what to write instead) for a malformed URL."""
+        if not text.startswith(SCHEME):
+            raise ValueError(f"{text!r} is not an s3:// URL")
+        bucket, _, prefix = text[len(SCHEME):].partition("/")
+        if not bucket or any(c in bucket for c in " \\?#") or len(bucket) > 255:
+            raise ValueError("write s3://BUCKET/PREFIX (the bucket name is missing or invalid)")
+        prefix = prefix.strip("/")
+        if any(not part or part in (".", "..") for part in prefix.split("/")) and prefix:
+            raise ValueError("the prefix has an empty, '.' or '..' part; write "
+                             "s3://BUCKET/PATH/TO/ADAPTERS")
+        return cls(bucket, f"{prefix}/" if prefix else "")
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.prefix}"
+
+    def url(self, name: str) -> str:
+        """The URL of adapter `name` (shown as its source)."""
+        return f"{SCHEME}{self.bucket}/{self.prefix}{name}/"
+
+
+def is_s3(value: object) -> bool:
+    return isinstance(value, S3Url) or (isinstance(value, str) and value.startswith(SCHEME))
+
+
+def make_client() -> Any:
+    """A boto3 S3 client from the standard AWS chain: AWS_* variables, profiles, web identity;
+    AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for S3-compatible stores. One retry inside; the
+    scanner backs off across passes."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise S3Error(f"the S3 client (boto3) is not installed: {INSTALL}") from None
+    session = boto3.session.Session()
+    config = Config(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=5,
+                    read_timeout=60, max_pool_connections=DOWNLOADERS * 2,
+                    user_agent_extra="lora-entrypoint")
+    return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
+
+
+def explain(exc: Exception, url: S3Url, endpoint: str) -> tuple[str, bool]:
+    """A one-line reason for a failed store call naming what to check, and whether it is a
+    setting error (bad credentials, a missing bucket) rather than an outage."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE, or a web identity: AWS_ROLE_ARN and "
+                "AWS_WEB_IDENTITY_TOKEN_FILE)", True)
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError
+                  | bx.ReadTimeoutError | bx.ConnectionClosedError):
+        return (f"the store at {endpoint} cannot be reached ({type(exc).__name__}); check "
+                "AWS_ENDPOINT_URL and the network", False)
+    if isinstance(exc, bx.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code == "NoSuchBucket":
+            return (f"bucket '{url.bucket}' does not exist at {endpoint}; check the bucket in "
+                    "NIM_PEFT_SOURCE (and AWS_ENDPOINT_URL)", True)
+        if code == "InvalidAccessKeyId":
+            return ("the store does not know this access key; check AWS_ACCESS_KEY_ID", True)
+        if code == "SignatureDoesNotMatch":
+            return ("the store refused the request's signature; check AWS_SECRET_ACCESS_KEY "
+                    "(it does not match AWS_ACCESS_KEY_ID)", True)
+        if code in ("ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
+            return (f"the session token was refused ({code}); refresh AWS_SESSION_TOKEN", True)
+        if code in ("AccessDenied", "AllAccessDisabled") or status == 403:
+            return (f"access denied to {url}; the credentials need s3:ListBucket on bucket "
+                    f"'{url.bucket}' and s3:GetObject under its prefix", True)
+        if code in ("PermanentRedirect", "AuthorizationHeaderMalformed",
+                    "IllegalLocationConstraintException"):
+            return (f"bucket '{url.bucket}' is in another region ({code}); set "
+                    "AWS_DEFAULT_REGION to the bucket's region", True)
+        if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                    "TooManyRequests") or status in (429, 503):
+            return f"the store is throttling requests ({code or status}); backing off", False
+        message = str(error.get("Message", "")) or "no message"
+        return f"the store answered {code or status} ({message})", 400 <= status < 500
+    return f"{type(exc).__name__}: {exc}", False
+
+
+@dataclass(frozen=True)
+class _Object:
+    size: int
+    etag: str
+    modified: float  # POSIX seconds (the store's clock)
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """One adapter's objects in one listing, and when this exact set was first seen."""
+
+    objects: dict[str, _Object]  # the key below PREFIX/NAME/ -> object
+    fingerprint: str
+    since: float  # monotonic
+
+
+def _fingerprint(objects: dict[str, _Object]) -> str:
+    parts = sorted(f"{key}\0{o.size}\0{o.etag}" for key, o in objects.items())
+    return hashlib.blake2b("\0".join(parts).encode(errors="surrogateescape"),
+                           digest_size=12).hexdigest()
+
+
+class S3Scanner:
+    """Lists an S3 prefix again and again and describes each adapter under it as an
+    `AdapterFolder` whose files are a local, complete download (the same interface as
+    `AdapterScanner`). Never raises from `scan`: a failed listing is `source_problem`."""
+
+    def __init__(self, source: S3Url, *, downloads: Path, limit: RankLimit | None = None,
+                 served_name: str | None = None, client: Any = None) -> None:
+        self.source = source
+        self.downloads = downloads
+        self.limit = limit
+        self.served_name = served_name
+        self.client = client if client is not None else make_client()
+        self.endpoint = str(getattr(self.client.meta, "endpoint_url", "") or "AWS S3")
+        self._known: dict[str, AdapterFolder] = {}
+        self._listed: dict[str, _Listed] = {}
+        #: why the last listing failed (None: it worked); `fatal`: a setting, not an outage
+        self.source_problem: str | None = None
+        self.fatal = False
+        self.failures = 0
+        self._next_try = 0.0
+        self.listings = 0  # listings done (each one or more list calls)
+        self.list_calls = 0
+
+    #: what the service does while `source_problem` lasts (it logs this once)
+    retry_hint = f"retrying with backoff (up to {BACKOFF_MAX_SECS:.0f} s between listings)"
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Where this scanner's adapter files live (what a snapshot may read)."""
+        return (Path(os.path.realpath(self.downloads)),)
+
+    @property
+    def settling(self) -> bool:
+        """Some adapter waits only for a second listing to show it unchanged."""
+        return any(f.pending and f.problem and f.problem.startswith("uploading")
+                   for f in self._known.values())
+
+    # ---- passes ----
+
+    def scan(self) -> list[AdapterFolder]:
+        now = time.monotonic()
+        if now < self._next_try:
+            return list(self._known.values())  # backing off after a failed listing
+        try:
+            listing, server_now = self._list()
+        except Exception as exc:  # noqa: BLE001 - every failure is a reason, never a crash
+            problem, self.fatal = explain(exc, self.source, self.endpoint)
+            self.failures += 1
+            self._next_try = now + min(BACKOFF_MAX_SECS,
+                                       BACKOFF_BASE_SECS * 2 ** (self.failures - 1))
+            self.source_problem = problem
+            log.debug("listing %s failed (%d in a row): %s", self.source, self.failures, problem)
+            return list(self._known.values())
+        self.source_problem, self.fatal, self.failures, self._next_try = None, False, 0, 0.0
+        known: dict[str, AdapterFolder] = {}
+        listed: dict[str, _Listed] = {}
+        fetch: dict[str, tuple[AdapterFolder, _Listed]] = {}
+        for name, objects in sorted(listing.items()):
+            if not any(_adapter_file(key) for key in objects):
+                continue  # no adapter files at all (a README left, a folder marker): absent
+            fingerprint = _fingerprint(objects)
+            old = self._listed.get(name)
+            since = old.since if old is not None and old.fingerprint == fingerprint else now
+            listed[name] = current = _Listed(objects, fingerprint, since)
+            kept = self._known.get(name)
+            if kept is not None and kept.fingerprint == fingerprint and not kept.pending:
+                known[name] = kept
+                continue
+            folder = self._judge(name, current, old, now, server_now)
+            if folder is None:
+                fetch[name] = (self._placeholder(name, fingerprint), current)
+            else:
+                known[name] = folder
+        known.update(self._fetch_all(fetch))
+        self._listed, self._known = listed, dict(sorted(known.items()))
+        self._collect()
+        return list(self._known.values())
+
+    def _list(self) -> tuple[dict[str, dict[str, _Object]], float]:
+        """Every adapter's objects under the prefix, and the store's clock (POSIX seconds)."""
+        adapters: dict[str, dict[str, _Object]] = {}
+        server_now = time.time()
+        prefix = self.source.prefix
+        paginator = self.client.get_paginator("list_objects_v2")
+        first = True
+        for page in paginator.paginate(Bucket=self.source.bucket, Prefix=prefix):
+            self.list_calls += 1
+            if first:
+                server_now = _server_time(page) or server_now
+                first = False
+            for item in page.get("Contents", ()):
+                name, _, rest = item["Key"][len(prefix):].partition("/")
+                if not rest or name.startswith("."):
+                    continue  # a key beside the adapters, a folder marker, a hidden prefix
+                adapters.setdefault(name, {})[rest] = _Object(
+                    int(item.get("Size", 0)), str(item.get("ETag", "")),
+                    item["LastModified"].timestamp() if item.get("LastModified") else 0.0)
+        self.listings += 1
+        return adapters, server_now
+
+    # ---- judging ----
+
+    def _placeholder(self, name: str, fingerprint: str) -> AdapterFolder:
+        return AdapterFolder(name=display_name(name), path=self.downloads / name,
+                             fingerprint=fingerprint, url=self.source.url(display_name(name)))
+
+    def _judge(self, name: str, current: _Listed, old: _Listed | None, now: float,
+               server_now: float) -> AdapterFolder | None:
+        """Why adapter `name` is not downloaded now (an AdapterFolder saying so), or None:
+        complete, download it."""
+        base = self._placeholder(name, current.fingerprint)
+        url = base.url
+        if (problem := name_problem(name)) is not None:
+            return replace(base, problem=f"prefix name {problem}")
+        if self.served_name and name == self.served_name:
+            return replace(base, problem="prefix name equals the served model name; rename it")
+        if (self.downloads / f"{name}-{current.fingerprint}").is_dir():
+            return None  # downloaded whole before (by the start-up listing): complete
+        direct = {k: o for k, o in current.objects.items() if "/" not in k}
+        if not any(_adapter_file(key) for key in direct):
+            return replace(base, problem=f"no adapter files directly under {url}; an adapter's "
+                           "adapter_config.json and weights go directly under PREFIX/<name>/")
+        weights = next((w for w in WEIGHT_FILES if w in direct), None)
+        if CONFIG_FILE not in direct:
+            return replace(base, pending=True,
+                           problem="incomplete: adapter_config.json not uploaded yet")
+        if weights is None:
+            return replace(base, pending=True,
+                           problem="incomplete: no adapter_model.safetensors uploaded yet")
+        if direct[CONFIG_FILE].size > MAX_CONFIG_BYTES:
+            return replace(base, problem=f"adapter_config.json is {direct[CONFIG_FILE].size} "
+                           f"bytes; a config over {MAX_CONFIG_BYTES >> 20} MiB is not read")
+        if self._complete(current, old, weights, now, server_now):
+            return None
+        return replace(base, pending=True, problem="uploading: its objects changed since the "
+                       "last listing; waiting for a listing that shows them unchanged")
+
+    @staticmethod
+    def _complete(current: _Listed, old: _Listed | None, weights: str, now: float,
+                  server_now: float) -> bool:
+        """Never half an adapter: its objects were the same in two listings `SETTLE_SECS`
+        apart, or are all older than that by the store's clock, or only the config changed
+        since the last listing (uploaded last)."""
+        if now - current.since >= SETTLE_SECS:
+            return True
+        newest = max(o.modified for o in current.objects.values())
+        if server_now - newest >= SETTLE_SECS + 1.0:  # (LastModified has 1 s resolution)
+            return True
+        if old is None:
+            return False
+        before, after = old.objects, current.objects
+        config = before.get(CONFIG_FILE)
+        return (before.get(weights) == after.get(weights)
+                and (config is None or config.etag != after[CONFIG_FILE].etag))
+
+    # ---- downloading ----
+
+    def _fetch_all(self, fetch: dict[str, tuple[AdapterFolder, _Listed]]
+                   ) -> dict[str, AdapterFolder]:
+        """Download the complete adapters, several at once."""
+        if len(fetch) <= 1:
+            return {name: self._fetch(*job) for name, job in fetch.items()}
+        with concurrent.futures.ThreadPoolExecutor(min(DOWNLOADERS, len(fetch))) as pool:
+            futures = {name: pool.submit(self._fetch, *job) for name, job in fetch.items()}
+            return {name: future.result() for name, future in futures.items()}
+
+    def _fetch(self, base: AdapterFolder, listed: _Listed) -> AdapterFolder:
+        """Download a complete adapter (once per fingerprint) and inspect it like a folder."""
+        name = base.name
+        target = self.downloads / f"{name}-{listed.fingerprint}"
+        try:
+            if not target.is_dir():
+                self._download(name, listed, target)
+        except _Changed as exc:
+            return replace(base, pending=True, problem=f"uploading: {exc}; looking again")
+        except Exception as exc:  # noqa: BLE001 - one adapter's failure is its own reason
+            problem, _ = explain(exc, self.source, self.endpoint) if not isinstance(
+                exc, OSError) else (f"cannot be written under NIM_CACHE_PATH ({exc})", False)
+            log.warning("adapter %s: download from %s failed: %s; looking again", name,
+                        base.url, problem)
+            return replace(base, pending=True, problem=f"download failed: {problem}; "
+                           "looking again")
+        folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
+                                name=name)
+        return replace(folder, fingerprint=listed.fingerprint, url=base.url)
+
+    def _download(self, name: str, listed: _Listed, target: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        temporary = self.downloads / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        temporary.mkdir()
+        try:
+            weights = next(w for w in WEIGHT_FILES if w in listed.objects)
+            for key in (CONFIG_FILE, weights):
+                expected = listed.objects[key]
+                try:
+                    answer = self.client.get_object(
+                        Bucket=self.source.bucket, Key=f"{self.source.prefix}{name}/{key}",
+                        IfMatch=expected.etag)
+                except ClientError as exc:
+                    code = str(exc.response.get("Error", {}).get("Code", ""))
+                    if code in ("PreconditionFailed", "NoSuchKey", "412", "404"):
+                        raise _Changed(f"{key} changed or went during the download") from None
+                    raise
+                path = temporary / key
+                with path.open("wb") as out:
+                    body = answer["Body"]
+                    while chunk := body.read(CHUNK):
+                        out.write(chunk)
+                if path.stat().st_size != expected.size or (
+                        answer.get("ETag") and answer["ETag"] != expected.etag):
+                    raise _Changed(f"{key} changed during the download")
+                os.utime(path, (expected.modified, expected.modified))
+            temporary.rename(target)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+    def _collect(self) -> None:
+        """Delete downloads no adapter is described by any more (a new version, a removed
+        prefix) and unfinished ones left by a crash. Snapshots are copies: nothing served
+        reads these."""
+        keep = {f.path.name for f in self._known.values()}
+        try:
+            entries = list(os.scandir(self.downloads))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name not in keep:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _adapter_file(key: str) -> bool:
+    """`key` (below PREFIX/NAME/) is an adapter's config or weights, at any depth."""
+    return key.rsplit("/", 1)[-1] in (CONFIG_FILE, *WEIGHT_FILES)
+
+
+class _Changed(Exception):
+    """The objects changed between the listing and the download."""
+
+
+def _server_time(page: dict[str, Any]) -> float | None:
+    """The store's clock from an answer's Date header (LastModified is on the same clock)."""
+    date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        return None
+
+
+def first_scan(scanner: S3Scanner) -> list[AdapterFolder]:
+    """The start-up listing: adapters that only wait for a second listing get it at once."""
+    folders = scanner.scan()
+    if scanner.source_problem is None and scanner.settling:
+        time.sleep(SETTLE_SECS)
+        folders = scanner.scan()
+    return folders
+
+
+def source_scanner(source: Path | S3Url, *, downloads: Path, limit: RankLimit | None = None,
+                   served_name: str | None = None) -> AdapterScanner | S3Scanner:
+    """The scanner for NIM_PEFT_SOURCE: a folder's, or an S3 prefix's (whose adapters are
+    downloaded under `downloads`). Raises S3Error when the S3 client cannot be made."""
+    if isinstance(source, S3Url):
+        return S3Scanner(source, downloads=downloads, limit=limit, served_name=served_name)
+    return AdapterScanner(source, limit=limit, served_name=served_name)

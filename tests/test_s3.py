@@ -1,0 +1,240 @@
+"""Adapters from an S3-compatible store (NIM_PEFT_SOURCE=s3://...), against a real one
+(SeaweedFS on loopback): what the scanner sees as objects come, change and go, while the store
+is down, and with wrong credentials; and how `serve` and `check-adapters` report them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from entrypoint import s3
+from entrypoint.adapters import CONFIG_FILE, inspect_folder
+from entrypoint.s3 import S3Scanner, S3Url
+from entrypoint.settings import ConfigError, load_settings
+from tests.e2e.server import BIN, clean_env
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def upload(client, bucket: str, name: str, folder: Path, *, only: str | None = None,
+           prefix: str = "loras/") -> None:
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (only is None or path.name == only):
+            client.put_object(Bucket=bucket, Key=f"{prefix}{name}/{path.name}",
+                              Body=path.read_bytes())
+
+
+def scanner(store, bucket: str, tmp_path: Path, **client_args) -> S3Scanner:
+    client = boto3.client("s3", endpoint_url=store.endpoint, region_name="us-east-1",
+                          aws_access_key_id=client_args.get("key", "lora-test-key"),
+                          aws_secret_access_key=client_args.get("secret", "lora-test-secret"))
+    return S3Scanner(S3Url.parse(f"s3://{bucket}/loras"), downloads=tmp_path / "downloads",
+                     client=client)
+
+
+def by_name(folders) -> dict:
+    return {f.name: f for f in folders}
+
+
+def test_a_complete_adapter_is_downloaded_whole_and_described_by_its_url(
+        s3_store, bucket, library, tmp_path):
+    client = s3_store.client()
+    upload(client, bucket, "alpha", library / "alpha")
+    time.sleep(s3.SETTLE_SECS + 2.1)  # older than the settle time by the store's clock
+    scan = scanner(s3_store, bucket, tmp_path)
+    alpha = by_name(scan.scan())["alpha"]
+    assert alpha.valid and alpha.rank == 8
+    assert alpha.url == f"s3://{bucket}/loras/alpha/"
+    assert (alpha.path / WEIGHTS).read_bytes() == (library / "alpha" / WEIGHTS).read_bytes()
+    assert (alpha.path / CONFIG_FILE).read_bytes() == (library / "alpha" / CONFIG_FILE).read_bytes()
+    # The same validation as a folder: the same rank, modules and verdict.
+    local = inspect_folder(library / "alpha")
+    assert (alpha.rank, alpha.target_modules, alpha.problem) == (
+        local.rank, local.target_modules, local.problem)
+    # An unchanged store: one list call, no download, the same description.
+    calls = scan.list_calls
+    again = by_name(scan.scan())["alpha"]
+    assert again is alpha and scan.list_calls == calls + 1
+
+
+def test_never_half_an_adapter_while_it_uploads(s3_store, bucket, library, tmp_path):
+    client = s3_store.client()
+    scan = scanner(s3_store, bucket, tmp_path)
+    upload(client, bucket, "beta", library / "beta", only=CONFIG_FILE)
+    beta = by_name(scan.scan())["beta"]
+    assert beta.pending and "no adapter_model.safetensors" in beta.problem
+    upload(client, bucket, "beta", library / "beta", only=WEIGHTS)
+    beta = by_name(scan.scan())["beta"]  # just uploaded: the next listing must agree
+    assert beta.pending and beta.problem.startswith("uploading")
+    assert not any((tmp_path / "downloads").glob("beta-*"))  # nothing downloaded yet
+    time.sleep(s3.SETTLE_SECS)
+    beta = by_name(scan.scan())["beta"]
+    assert beta.valid, beta.problem
+    # Weights first, config last: complete as soon as a listing shows the config changed last.
+    upload(client, bucket, "gamma", library / "gamma", only=WEIGHTS)
+    assert by_name(scan.scan())["gamma"].pending
+    upload(client, bucket, "gamma", library / "gamma", only=CONFIG_FILE)
+    gamma = by_name(scan.scan())["gamma"]
+    assert gamma.valid, gamma.problem
+
+
+def test_a_changed_adapter_is_a_new_version_and_a_deleted_one_is_gone(
+        s3_store, bucket, library, tmp_path):
+    client = s3_store.client()
+    upload(client, bucket, "alpha", library / "alpha")
+    scan = scanner(s3_store, bucket, tmp_path)
+    s3.first_scan(scan)
+    first = by_name(scan.scan())["alpha"]
+    assert first.valid
+    upload(client, bucket, "alpha", library / "beta", only=WEIGHTS)  # new weights, same name
+    assert by_name(scan.scan())["alpha"].pending  # until a second listing agrees
+    time.sleep(s3.SETTLE_SECS)
+    second = by_name(scan.scan())["alpha"]
+    assert second.valid and second.fingerprint != first.fingerprint
+    assert (second.path / WEIGHTS).read_bytes() == (library / "beta" / WEIGHTS).read_bytes()
+    assert not first.path.exists()  # the old download is deleted (snapshots are copies)
+    # Deleting its config and weights removes the adapter: a README and a folder marker left
+    # behind (SeaweedFS lists such prefixes on, the AWS console makes them) are no adapter.
+    client.put_object(Bucket=bucket, Key="loras/alpha/", Body=b"")
+    for key in (CONFIG_FILE, WEIGHTS):
+        client.delete_object(Bucket=bucket, Key=f"loras/alpha/{key}")
+    assert "alpha" not in by_name(scan.scan())
+    assert not second.path.exists()
+
+
+def test_bad_objects_get_a_reason_and_never_stop_the_scan(s3_store, bucket, library, tmp_path):
+    client = s3_store.client()
+    upload(client, bucket, "good", library / "alpha")
+    upload(client, bucket, "bad name!", library / "alpha")
+    client.put_object(Bucket=bucket, Key="loras/nested/deeper/adapter_config.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="loras/broken/adapter_config.json", Body=b"{nope")
+    client.put_object(Bucket=bucket, Key=f"loras/broken/{WEIGHTS}",
+                      Body=(library / "alpha" / WEIGHTS).read_bytes())
+    client.put_object(Bucket=bucket, Key="loras/huge/adapter_config.json",
+                      Body=b" " * (s3.MAX_CONFIG_BYTES + 1))
+    client.put_object(Bucket=bucket, Key=f"loras/huge/{WEIGHTS}", Body=b"x")
+    client.put_object(Bucket=bucket, Key="loras/.hidden/adapter_config.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="loras/README.md", Body=b"beside the adapters")
+    time.sleep(s3.SETTLE_SECS + 2.1)
+    found = by_name(scanner(s3_store, bucket, tmp_path).scan())
+    assert set(found) == {"good", "bad name!", "nested", "broken", "huge"}
+    assert found["good"].valid
+    assert "prefix name" in found["bad name!"].problem
+    assert "no adapter files directly under" in found["nested"].problem
+    assert found["broken"].problem == "adapter_config.json is not valid JSON"
+    assert "a config over 1 MiB is not read" in found["huge"].problem
+    assert not any(f.pending for f in found.values())
+
+
+def test_an_outage_keeps_what_was_listed_and_backs_off(s3_store, bucket, library, tmp_path):
+    client = s3_store.client()
+    upload(client, bucket, "alpha", library / "alpha")
+    scan = scanner(s3_store, bucket, tmp_path)
+    before = by_name(s3.first_scan(scan))
+    assert before["alpha"].valid
+    s3_store.stop()
+    try:
+        during = by_name(scan.scan())
+        assert during == before  # never an empty store: nothing would be unloaded
+        assert "cannot be reached" in scan.source_problem
+        assert "AWS_ENDPOINT_URL" in scan.source_problem and not scan.fatal
+        calls = scan.list_calls, scan.failures
+        assert by_name(scan.scan()) == before
+        assert (scan.list_calls, scan.failures) == calls  # backing off: no call at once
+    finally:
+        s3_store.start()
+    time.sleep(s3.BACKOFF_BASE_SECS)
+    assert by_name(scan.scan()) == before and scan.source_problem is None
+    upload(client, bucket, "beta", library / "beta")
+    scan.scan()
+    time.sleep(s3.SETTLE_SECS)
+    assert by_name(scan.scan())["beta"].valid
+
+
+@pytest.mark.parametrize(("key", "secret", "names"), [
+    ("nobody", "lora-test-secret", "AWS_ACCESS_KEY_ID"),
+    ("lora-test-key", "wrong", "AWS_SECRET_ACCESS_KEY"),
+])
+def test_wrong_credentials_name_the_variable(s3_store, bucket, tmp_path, key, secret, names):
+    scan = scanner(s3_store, bucket, tmp_path, key=key, secret=secret)
+    assert scan.scan() == []
+    assert names in scan.source_problem and scan.fatal
+
+
+def test_a_missing_bucket_names_it(s3_store, tmp_path):
+    scan = scanner(s3_store, "no-such-bucket-here", tmp_path)
+    assert scan.scan() == []
+    assert "bucket 'no-such-bucket-here' does not exist" in scan.source_problem and scan.fatal
+
+
+def test_the_setting_reads_s3_urls_and_refuses_other_schemes(monkeypatch):
+    assert str(load_settings(need_model=False, peft_source="s3://b/a/b/").peft_source) == \
+        "s3://b/a/b/"
+    assert load_settings(need_model=False, peft_source="s3://b").peft_source == S3Url("b", "")
+    for bad, says in (("gs://b/p", "only folders and s3:// URLs"),
+                      ("s3:///p", "bucket name is missing"),
+                      ("s3://b/a/../c", "'..' part")):
+        with pytest.raises(ConfigError, match="NIM_PEFT_SOURCE=") as exc:
+            load_settings(need_model=False, peft_source=bad)
+        assert says in str(exc.value)
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=120,
+                          env=clean_env(**env))
+
+
+def test_serve_stops_at_start_on_bad_credentials_or_bucket(s3_store, bucket, tiny_model,
+                                                           tmp_path):
+    base = {"NIM_MODEL_NAME": str(tiny_model), "NIM_CACHE_PATH": str(tmp_path),
+            "NIM_PEFT_REFRESH_INTERVAL": "5"}
+    for env, says in (
+        (s3_store.env(AWS_ACCESS_KEY_ID="nobody"), "check AWS_ACCESS_KEY_ID"),
+        (s3_store.env(AWS_SECRET_ACCESS_KEY="x"), "check AWS_SECRET_ACCESS_KEY"),
+        (s3_store.env(NIM_PEFT_SOURCE="s3://missing-bucket-x/loras"), "does not exist"),
+    ):
+        done = run_cli("serve", "--dry-run",
+                       **{"NIM_PEFT_SOURCE": f"s3://{bucket}/loras", **base, **env})
+        assert done.returncode == 2, done.stdout  # a setting error, as every other
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: NIM_PEFT_SOURCE=s3://"), lines
+        assert says in lines[0]
+
+
+def test_check_adapters_reads_an_s3_prefix(s3_store, bucket, library, tmp_path):
+    client = s3_store.client()
+    upload(client, bucket, "alpha", library / "alpha")
+    upload(client, bucket, "big", library / "big")
+    client.put_object(Bucket=bucket, Key="loras/broken/adapter_config.json", Body=b"[")
+    client.put_object(Bucket=bucket, Key=f"loras/broken/{WEIGHTS}", Body=b"x")
+    done = run_cli("check-adapters", "--json", f"s3://{bucket}/loras",
+                   NIM_MAX_LORA_RANK="16", NIM_CACHE_PATH=str(tmp_path), **s3_store.env())
+    assert done.returncode == 1, done.stderr
+    found = {a["name"]: a for a in json.loads(done.stdout)}
+    assert found["alpha"]["valid"] and found["alpha"]["path"] == f"s3://{bucket}/loras/alpha/"
+    assert "NIM_MAX_LORA_RANK=16" in found["big"]["reason"]
+    assert found["broken"]["reason"] == "adapter_config.json is not valid JSON"
+
+
+def test_a_thousand_adapters_cost_one_listing_per_thousand_keys(s3_store, bucket, tmp_path):
+    """An unchanged pass lists and downloads nothing (the benchmark times it against a bare
+    listing: benchmarks/s3_listing.py)."""
+    client = s3_store.client()
+    config = json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+                         "peft_type": "LORA"}).encode()
+    for i in range(500):  # 1,000 keys
+        client.put_object(Bucket=bucket, Key=f"loras/a{i:04d}/adapter_config.json", Body=config)
+        client.put_object(Bucket=bucket, Key=f"loras/a{i:04d}/{WEIGHTS}", Body=b"not weights")
+    scan = scanner(s3_store, bucket, tmp_path)
+    s3.first_scan(scan)
+    downloaded = sorted(p.name for p in (tmp_path / "downloads").iterdir())
+    assert len(downloaded) == 500
+    calls = scan.list_calls
+    assert len(scan.scan()) == 500
+    assert scan.list_calls == calls + 1
+    assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == downloaded
