@@ -62,6 +62,14 @@ class AdapterFolder:
     config: dict = field(default_factory=dict, compare=False, repr=False)
     origin: Origin = Origin.FOLDER
     url: str = ""  # the object URL an adapter from an s3:// source was downloaded from
+    #: the fingerprint of the files at `path` when `fingerprint` names another thing (an s3://
+    #: adapter's is its objects' keys, sizes and ETags; its download is checked by this one)
+    local_fingerprint: str = ""
+
+    @property
+    def files_fingerprint(self) -> str:
+        """What `list_folder(path)` gives while the files at `path` are unchanged."""
+        return self.local_fingerprint or self.fingerprint
 
     @property
     def valid(self) -> bool:

@@ -352,7 +352,8 @@ class S3Scanner:
                            "looking again")
         folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
                                 name=name)
-        return replace(folder, fingerprint=listed.fingerprint, url=base.url)
+        return replace(folder, fingerprint=listed.fingerprint,
+                       local_fingerprint=folder.fingerprint, url=base.url)
 
     def _download(self, name: str, listed: _Listed, target: Path) -> None:
         from botocore.exceptions import ClientError

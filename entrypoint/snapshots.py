@@ -95,7 +95,7 @@ class SnapshotStore:
                 self._copy(folder.path / name, tmp / name, digest, roots)
             copy = inspect_folder(tmp, name="snapshot")
             now = inspect_folder(folder.path).fingerprint
-            if now != folder.fingerprint:
+            if now != folder.files_fingerprint:
                 raise SnapshotChanged(copy.problem or "files changed while copying")
             if not copy.valid:  # the same files, yet their copy is not an adapter
                 raise SnapshotRefused(f"its files, as read, are not a valid adapter "

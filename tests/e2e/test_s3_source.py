@@ -1,0 +1,119 @@
+"""Serving adapters from an S3-compatible store (NIM_PEFT_SOURCE=s3://BUCKET/PREFIX), through the
+CLI as a user starts it, against a real store (SeaweedFS on loopback): on the SGLang double the
+whole life of an adapter (added, half-uploaded, changed, removed) and a store outage of several
+intervals; on the real vLLM, that an adapter from the store answers exactly as the same files
+loaded from a folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.server import Reusable, sglang_env, tiny_env, wait_until
+from tests.test_s3 import WEIGHTS, upload
+
+pytestmark = pytest.mark.e2e
+CONFIG = "adapter_config.json"
+
+
+def served_as(server, name: str, expected: str, timeout: float = 30.0) -> None:
+    """Wait until `name` answers `expected` (or, for None, is refused with 404)."""
+    wait_until(lambda: server.error_of(name) if expected is None else (
+        server.error_of(name) or server.complete(name)),
+        lambda got: (got is not None and "404" in got) if expected is None else got == expected,
+        timeout=timeout, what=f"{name} answering {expected!r}", context=server._tail)
+
+
+@pytest.fixture(scope="module")
+def store_bucket(s3_store):
+    name = "sglang-source"
+    s3_store.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def sglang(serve_factory, tmp_path_factory, tiny_model, library, s3_store, store_bucket):
+    tmp = tmp_path_factory.mktemp("s3-sglang")
+    upload(s3_store.client(), store_bucket, "alpha", library / "alpha")
+    env = sglang_env(tmp, tiny_model, tmp, NIM_PEFT_REFRESH_INTERVAL="1",
+                     **s3_store.env(NIM_PEFT_SOURCE=f"s3://{store_bucket}/loras"))
+    return Reusable(lambda: serve_factory(env, name="s3-sglang").wait_ready(timeout=60))
+
+
+def test_an_adapter_lives_and_goes_with_its_objects_on_sglang(sglang, s3_store, store_bucket,
+                                                              library):
+    server = sglang.get()
+    client = s3_store.client()
+    listed = server.adapters()
+    assert listed["alpha"]["ready"] and listed["alpha"]["source"] == \
+        f"s3://{store_bucket}/loras/alpha/"
+    alpha = server.complete("alpha")
+    assert alpha != server.complete("tiny")
+    # Added: served within a few intervals.
+    upload(client, store_bucket, "beta", library / "beta")
+    server.wait_adapters(lambda a: a.get("beta", {}).get("ready"), what="beta served")
+    beta = server.complete("beta")
+    assert beta not in (alpha, server.complete("tiny"))
+    # Half uploaded (config only): pending, and never served.
+    upload(client, store_bucket, "gamma", library / "gamma", only=CONFIG)
+    server.wait_adapters(lambda a: a.get("gamma", {}).get("state") == "pending",
+                         what="gamma pending", only=["gamma"])
+    assert "404" in server.error_of("gamma")
+    upload(client, store_bucket, "gamma", library / "gamma", only=WEIGHTS)
+    server.wait_adapters(lambda a: a.get("gamma", {}).get("ready"), what="gamma served")
+    # Changed: alpha's weights become beta's; alpha then answers as beta does.
+    upload(client, store_bucket, "alpha", library / "beta", only=WEIGHTS)
+    served_as(server, "alpha", beta)
+    # Removed: 404, and the models list no longer names it.
+    for key in (CONFIG, WEIGHTS, "README.md"):
+        client.delete_object(Bucket=store_bucket, Key=f"loras/gamma/{key}")
+    served_as(server, "gamma", None)
+    assert "gamma" not in server.models()
+
+
+def test_a_store_outage_keeps_every_adapter_served(sglang, s3_store, store_bucket, library):
+    server = sglang.get()
+    upload(s3_store.client(), store_bucket, "delta", library / "gamma")
+    server.wait_adapters(lambda a: a.get("delta", {}).get("ready"), what="delta served")
+    before = {name: server.complete(name) for name in server.models()}
+    s3_store.stop()
+    try:
+        wait_until(server.logs, lambda logs: "cannot be reached" in logs, timeout=15,
+                   what="the outage logged")
+        for _ in range(4):  # several intervals of 1 s: all still served, still ready
+            wait_until(lambda: {n: server.complete(n) for n in before}, lambda got: got == before,
+                       timeout=5, what="answers unchanged during the outage")
+            assert server.http.get("/v1/health/ready").status_code == 200
+        outage = [line for line in server.logs().splitlines() if "cannot be reached" in line]
+        assert len(outage) == 1, outage  # one clear line, not one per pass
+        assert "NIM_PEFT_SOURCE=s3://" in outage[0] and "AWS_ENDPOINT_URL" in outage[0]
+    finally:
+        s3_store.start()
+    # Back: what changed meanwhile is picked up (within the backoff, at most a minute).
+    upload(s3_store.client(), store_bucket, "epsilon", library / "alpha")
+    server.wait_adapters(lambda a: a.get("epsilon", {}).get("ready"), what="epsilon served",
+                         timeout=75)
+    assert "can be read again" in server.logs()
+
+
+def test_vllm_serves_an_adapter_from_the_store_as_from_a_folder(
+        serve_factory, tmp_path_factory, tiny_model, library, s3_store):
+    """The same files from the store and from a folder (the runtime API loads the library's copy
+    beside it) answer the same, before and after the object changes."""
+    tmp = tmp_path_factory.mktemp("s3-vllm")
+    client = s3_store.client()
+    client.create_bucket(Bucket="vllm-source")
+    upload(client, "vllm-source", "alpha", library / "alpha")
+    env = tiny_env(tiny_model, tmp, NIM_PEFT_REFRESH_INTERVAL="1", NIM_MAX_LORA_RANK="16",
+                   NIM_PEFT_API_ALLOWED_PATHS=str(library),
+                   **s3_store.env(NIM_PEFT_SOURCE="s3://vllm-source/loras"))
+    server = serve_factory(env, name="s3-vllm").wait_ready()
+    assert server.adapters()["alpha"]["source"] == "s3://vllm-source/loras/alpha/"
+    for variant in ("alpha", "beta"):
+        reply = server.http.post("/v1/load_lora_adapter", json={
+            "lora_name": f"folder-{variant}", "lora_path": str(library / variant)})
+        assert reply.status_code == 200, reply.text
+    from_folder = {v: server.complete(f"folder-{v}") for v in ("alpha", "beta")}
+    assert from_folder["alpha"] != from_folder["beta"]
+    assert server.complete("alpha") == from_folder["alpha"]
+    upload(client, "vllm-source", "alpha", library / "beta", only=WEIGHTS)
+    served_as(server, "alpha", from_folder["beta"], timeout=60)
