@@ -117,3 +117,37 @@ def test_vllm_serves_an_adapter_from_the_store_as_from_a_folder(
     assert server.complete("alpha") == from_folder["alpha"]
     upload(client, "vllm-source", "alpha", library / "beta", only=WEIGHTS)
     served_as(server, "alpha", from_folder["beta"], timeout=60)
+
+
+def test_replicas_on_one_bucket_converge_and_static_mode_lists_once(
+        serve_factory, tmp_path_factory, tiny_model, library, s3_store):
+    """Two dynamic replicas and one static server on one bucket: the replicas end on the same
+    adapters and versions; the static server serves what was there at start, and only that."""
+    client = s3_store.client()
+    client.create_bucket(Bucket="replicas")
+    upload(client, "replicas", "alpha", library / "alpha")
+    source = {"NIM_PEFT_SOURCE": "s3://replicas/loras"}
+    servers = []
+    for name, interval in (("replica-1", "1"), ("replica-2", "1"), ("static", None)):
+        tmp = tmp_path_factory.mktemp(name)
+        extra = {"NIM_PEFT_REFRESH_INTERVAL": interval} if interval else {}
+        servers.append(serve_factory(
+            sglang_env(tmp, tiny_model, tmp, **extra, **s3_store.env(**source)), name=name))
+    replicas, static = [s.wait_ready(timeout=60) for s in servers[:2]], servers[2].wait_ready(60)
+    upload(client, "replicas", "beta", library / "beta")
+    upload(client, "replicas", "alpha", library / "gamma", only=WEIGHTS)
+
+    def versions(server) -> dict[str, str]:
+        return {n: a["served_version"] for n, a in server.adapters().items() if a["ready"]}
+
+    for replica in replicas:
+        wait_until(lambda r=replica: set(versions(r)), lambda got: got == {"alpha", "beta"},
+                   timeout=30, what="both adapters served")
+    wait_until(lambda: [versions(r) for r in replicas], lambda got: got[0] == got[1],
+               timeout=30, what="the replicas serving the same versions")
+    assert replicas[0].complete("alpha") == replicas[1].complete("alpha")
+    assert replicas[0].complete("beta") == replicas[1].complete("beta")
+    # Static: alpha as it was at start, and no beta.
+    assert set(versions(static)) == {"alpha"} and "404" in static.error_of("beta")
+    assert static.complete("alpha") != replicas[0].complete("alpha")
+    assert static.adapters()["alpha"]["source"] == "s3://replicas/loras/alpha/"
