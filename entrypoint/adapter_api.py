@@ -113,6 +113,10 @@ class AdapterAPI:
         assert self.reconciler is not None
         intent = self.reconciler.intent
         problem = await asyncio.to_thread(outside_roots, str(path), self.roots)
+        if problem is not None and not self.roots:  # an s3:// source and no folder listed
+            return Answer.error(403, f"lora_path {problem}: none is allowed (NIM_PEFT_SOURCE is "
+                                "an object store); list the folders runtime loads may read in "
+                                "NIM_PEFT_API_ALLOWED_PATHS.")
         if problem is not None:
             allowed = ", ".join(display_name(str(root)) for root in self.roots)
             return Answer.error(403, f"lora_path {problem}: {allowed} (NIM_PEFT_SOURCE and "
@@ -163,7 +167,11 @@ class AdapterAPI:
     async def _load_own_folder(self, name: str, path: Path) -> Answer:
         """`name` is a folder under NIM_PEFT_SOURCE: loading it from its own folder undoes an
         API unload; any other path is a conflict."""
-        assert self.reconciler is not None and self.source is not None
+        assert self.reconciler is not None
+        if self.source is None:  # an s3:// source: its adapters have no folder to name
+            return Answer.error(400, f"An adapter named '{name}' comes from NIM_PEFT_SOURCE "
+                                "(an object store); choose another lora_name. Unloaded "
+                                "through the API, it is served again when its objects change.")
         own = Path(os.path.realpath(self.source / name))
         if Path(os.path.realpath(path)) != own:
             return Answer.error(400, f"An adapter folder named '{name}' is in NIM_PEFT_SOURCE; "

@@ -341,24 +341,31 @@ def inspect_folder(
     limit: RankLimit | None = None,
     served_name: str | None = None,
     name: str | None = None,
+    complete: bool = False,
     _listing: _Listing | None = None,
 ) -> AdapterFolder:
     """Validate one adapter folder and describe it. Never raises, never blocks on content.
 
-    The adapter's name is the folder's unless `name` is given (a runtime API load names it)."""
+    The adapter's name is the folder's unless `name` is given (a runtime API load names it).
+    `complete`: the files are known to be whole (a download of whole objects), so a short or
+    just-written file is invalid, not still being copied."""
     listing = _listing or list_folder(str(path))
     base: dict[str, Any] = {"name": display_name(name or path.name), "path": path,
             "fingerprint": listing.fingerprint, "size": listing.size}
     try:
-        return _inspect(path, listing, base, limit=limit, served_name=served_name,
-                        name=name or path.name)
+        folder = _inspect(path, listing, base, limit=limit, served_name=served_name,
+                          name=name or path.name, complete=complete)
     except Exception as exc:  # whatever the folder holds, the scan goes on
         return AdapterFolder(**base, problem=f"folder cannot be read ({type(exc).__name__}: "
                                              f"{_shown(str(exc))})")
+    if complete and folder.pending and folder.problem and "still being written" in folder.problem:
+        return replace(folder, pending=False, problem=folder.problem.replace(
+            "incomplete: ", "").replace("still being written", "is truncated or malformed"))
+    return folder
 
 
 def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: RankLimit | None,
-             served_name: str | None, name: str) -> AdapterFolder:
+             served_name: str | None, name: str, complete: bool) -> AdapterFolder:
     folder = str(path)
     files = listing.files
     if listing.error is not None:
@@ -403,7 +410,7 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         config = None
     if config is None:
-        if _recently_written(path / CONFIG_FILE):
+        if not complete and _recently_written(path / CONFIG_FILE):
             return AdapterFolder(**base, pending=True,
                                  problem="incomplete: adapter_config.json still being written")
         return AdapterFolder(**base, problem="adapter_config.json is not valid JSON")

@@ -101,6 +101,13 @@ class Reconciler:
     async def sync(self) -> None:
         """One pass: scan, compare, and start per-name work for every name that needs it."""
         async with self._pass:
+            if isinstance(self.scanner, S3Scanner) and self.scanner.on_download is None:
+                loop = asyncio.get_running_loop()  # a finished download asks for a pass
+
+                def downloaded() -> None:
+                    loop.call_soon_threadsafe(self._wake)
+
+                self.scanner.on_download = downloaded
             started = time.perf_counter()
             folders, api_folders = await asyncio.to_thread(self._scan)
             self.last_scan_secs = time.perf_counter() - started
@@ -197,6 +204,8 @@ class Reconciler:
                                  return_exceptions=True)
 
     async def close(self) -> None:
+        if isinstance(self.scanner, S3Scanner):
+            self.scanner.close()
         tasks = [job.task for job in self._work.values()]
         for task in tasks:
             task.cancel()

@@ -21,8 +21,10 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -190,6 +192,15 @@ class S3Scanner:
         self._next_try = 0.0
         self.listings = 0  # listings done (each one or more list calls)
         self.list_calls = 0
+        # Downloads run beside the passes (a large adapter never holds up the others): an
+        # adapter is pending ("downloading") until its download is done, then the next pass
+        # takes it. `on_download` is called (from the download's thread) when one ends.
+        self._pool = concurrent.futures.ThreadPoolExecutor(DOWNLOADERS,
+                                                           thread_name_prefix="s3-download")
+        self._inflight: dict[str, tuple[str, concurrent.futures.Future[AdapterFolder]]] = {}
+        self._closed = threading.Event()
+        self.on_download: Callable[[], None] | None = None
+        self._reported: dict[str, str] = {}  # the last download problem logged, per adapter
 
     #: what the service does while `source_problem` lasts (it logs this once)
     retry_hint = f"retrying with backoff (up to {BACKOFF_MAX_SECS:.0f} s between listings)"
@@ -224,7 +235,6 @@ class S3Scanner:
         self.source_problem, self.fatal, self.failures, self._next_try = None, False, 0, 0.0
         known: dict[str, AdapterFolder] = {}
         listed: dict[str, _Listed] = {}
-        fetch: dict[str, tuple[AdapterFolder, _Listed]] = {}
         for name, objects in sorted(listing.items()):
             if not any(_adapter_file(key) for key in objects):
                 continue  # no adapter files at all (a README left, a folder marker): absent
@@ -236,15 +246,24 @@ class S3Scanner:
             if kept is not None and kept.fingerprint == fingerprint and not kept.pending:
                 known[name] = kept
                 continue
-            folder = self._judge(name, current, old, now, server_now)
-            if folder is None:
-                fetch[name] = (self._placeholder(name, fingerprint), current)
-            else:
-                known[name] = folder
-        known.update(self._fetch_all(fetch))
-        self._listed, self._known = listed, dict(sorted(known.items()))
+            known[name] = self._judge(name, current, old, now, server_now) or \
+                self._downloaded(name, current)
+        for name in set(self._inflight) - set(known):
+            del self._inflight[name]  # its prefix went: the download's result is not wanted
+        self._listed, self._known = listed, known
         self._collect()
-        return list(self._known.values())
+        return list(known.values())
+
+    def wait_downloads(self, timeout: float | None = None) -> bool:
+        """Wait for the downloads under way; True when there were any."""
+        futures = [future for _, future in self._inflight.values()]
+        concurrent.futures.wait(futures, timeout=timeout)
+        return bool(futures)
+
+    def close(self) -> None:
+        """Stop downloading (a download under way ends at its next chunk)."""
+        self._closed.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _list(self) -> tuple[dict[str, dict[str, _Object]], float]:
         """Every adapter's objects under the prefix, and the store's clock (POSIX seconds)."""
@@ -325,14 +344,30 @@ class S3Scanner:
 
     # ---- downloading ----
 
-    def _fetch_all(self, fetch: dict[str, tuple[AdapterFolder, _Listed]]
-                   ) -> dict[str, AdapterFolder]:
-        """Download the complete adapters, several at once."""
-        if len(fetch) <= 1:
-            return {name: self._fetch(*job) for name, job in fetch.items()}
-        with concurrent.futures.ThreadPoolExecutor(min(DOWNLOADERS, len(fetch))) as pool:
-            futures = {name: pool.submit(self._fetch, *job) for name, job in fetch.items()}
-            return {name: future.result() for name, future in futures.items()}
+    def _downloaded(self, name: str, listed: _Listed) -> AdapterFolder:
+        """A complete adapter: its download when done, else pending while it is (started in
+        the background now when it is not under way)."""
+        base = self._placeholder(name, listed.fingerprint)
+        job = self._inflight.get(name)
+        if job is not None and job[0] == listed.fingerprint:
+            if not job[1].done():
+                return replace(base, pending=True, problem=f"downloading from {base.url}")
+            del self._inflight[name]
+            try:
+                return job[1].result()
+            except Exception as exc:  # noqa: BLE001 - (_fetch catches its own; never a crash)
+                return replace(base, pending=True, problem=f"download failed ({exc!r}); "
+                               "looking again")
+        if (self.downloads / f"{name}-{listed.fingerprint}").is_dir():
+            return self._fetch(base, listed)  # downloaded before: inspected at once
+        future = self._pool.submit(self._fetch, base, listed)
+        self._inflight[name] = (listed.fingerprint, future)
+        future.add_done_callback(self._done)
+        return replace(base, pending=True, problem=f"downloading from {base.url}")
+
+    def _done(self, _: concurrent.futures.Future[AdapterFolder]) -> None:
+        if self.on_download is not None and not self._closed.is_set():
+            self.on_download()
 
     def _fetch(self, base: AdapterFolder, listed: _Listed) -> AdapterFolder:
         """Download a complete adapter (once per fingerprint) and inspect it like a folder."""
@@ -346,12 +381,15 @@ class S3Scanner:
         except Exception as exc:  # noqa: BLE001 - one adapter's failure is its own reason
             problem, _ = explain(exc, self.source, self.endpoint) if not isinstance(
                 exc, OSError) else (f"cannot be written under NIM_CACHE_PATH ({exc})", False)
-            log.warning("adapter %s: download from %s failed: %s; looking again", name,
-                        base.url, problem)
+            if self._reported.get(name) != problem:  # once per problem, not once per pass
+                self._reported[name] = problem
+                log.warning("adapter %s: download from %s failed: %s; looking again", name,
+                            base.url, problem)
             return replace(base, pending=True, problem=f"download failed: {problem}; "
                            "looking again")
+        self._reported.pop(name, None)
         folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
-                                name=name)
+                                name=name, complete=True)
         return replace(folder, fingerprint=listed.fingerprint,
                        local_fingerprint=folder.fingerprint, url=base.url)
 
@@ -378,6 +416,8 @@ class S3Scanner:
                 with path.open("wb") as out:
                     body = answer["Body"]
                     while chunk := body.read(CHUNK):
+                        if self._closed.is_set():
+                            raise _Changed("stopping")
                         out.write(chunk)
                 if path.stat().st_size != expected.size or (
                         answer.get("ETag") and answer["ETag"] != expected.etag):
@@ -392,12 +432,14 @@ class S3Scanner:
         prefix) and unfinished ones left by a crash. Snapshots are copies: nothing served
         reads these."""
         keep = {f.path.name for f in self._known.values()}
+        keep |= {f"{name}-{fingerprint}" for name, (fingerprint, _) in self._inflight.items()}
+        busy = any(not future.done() for _, future in self._inflight.values())
         try:
             entries = list(os.scandir(self.downloads))
         except OSError:
             return
         for entry in entries:
-            if entry.name not in keep:
+            if entry.name not in keep and not (busy and entry.name.startswith(".tmp-")):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
@@ -420,10 +462,18 @@ def _server_time(page: dict[str, Any]) -> float | None:
 
 
 def first_scan(scanner: S3Scanner) -> list[AdapterFolder]:
-    """The start-up listing: adapters that only wait for a second listing get it at once."""
+    """The start-up listing, carried through: adapters that wait only for a second listing get
+    it, and downloads are waited for, so the adapters present at start are served before the
+    service says it is ready."""
     folders = scanner.scan()
-    if scanner.source_problem is None and scanner.settling:
-        time.sleep(SETTLE_SECS)
+    for _ in range(3):
+        if scanner.source_problem is not None:
+            break
+        downloading = scanner.wait_downloads()
+        if scanner.settling:
+            time.sleep(SETTLE_SECS)
+        elif not downloading:
+            break
         folders = scanner.scan()
     return folders
 

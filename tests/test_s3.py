@@ -41,13 +41,22 @@ def by_name(folders) -> dict:
     return {f.name: f for f in folders}
 
 
+def look(scan: S3Scanner) -> dict:
+    """A pass, and the pass after the downloads it started (what the watcher's wake gives)."""
+    scan.scan()
+    scan.wait_downloads()
+    return by_name(scan.scan())
+
+
 def test_a_complete_adapter_is_downloaded_whole_and_described_by_its_url(
         s3_store, bucket, library, tmp_path):
     client = s3_store.client()
     upload(client, bucket, "alpha", library / "alpha")
     time.sleep(s3.SETTLE_SECS + 2.1)  # older than the settle time by the store's clock
     scan = scanner(s3_store, bucket, tmp_path)
-    alpha = by_name(scan.scan())["alpha"]
+    first = by_name(scan.scan())["alpha"]  # complete: its download starts beside the pass
+    assert first.pending and first.problem.startswith("downloading from s3://")
+    alpha = look(scan)["alpha"]
     assert alpha.valid and alpha.rank == 8
     assert alpha.url == f"s3://{bucket}/loras/alpha/"
     assert (alpha.path / WEIGHTS).read_bytes() == (library / "alpha" / WEIGHTS).read_bytes()
@@ -73,13 +82,13 @@ def test_never_half_an_adapter_while_it_uploads(s3_store, bucket, library, tmp_p
     assert beta.pending and beta.problem.startswith("uploading")
     assert not any((tmp_path / "downloads").glob("beta-*"))  # nothing downloaded yet
     time.sleep(s3.SETTLE_SECS)
-    beta = by_name(scan.scan())["beta"]
+    beta = look(scan)["beta"]
     assert beta.valid, beta.problem
     # Weights first, config last: complete as soon as a listing shows the config changed last.
     upload(client, bucket, "gamma", library / "gamma", only=WEIGHTS)
     assert by_name(scan.scan())["gamma"].pending
     upload(client, bucket, "gamma", library / "gamma", only=CONFIG_FILE)
-    gamma = by_name(scan.scan())["gamma"]
+    gamma = look(scan)["gamma"]
     assert gamma.valid, gamma.problem
 
 
@@ -94,7 +103,7 @@ def test_a_changed_adapter_is_a_new_version_and_a_deleted_one_is_gone(
     upload(client, bucket, "alpha", library / "beta", only=WEIGHTS)  # new weights, same name
     assert by_name(scan.scan())["alpha"].pending  # until a second listing agrees
     time.sleep(s3.SETTLE_SECS)
-    second = by_name(scan.scan())["alpha"]
+    second = look(scan)["alpha"]
     assert second.valid and second.fingerprint != first.fingerprint
     assert (second.path / WEIGHTS).read_bytes() == (library / "beta" / WEIGHTS).read_bytes()
     assert not first.path.exists()  # the old download is deleted (snapshots are copies)
@@ -118,16 +127,21 @@ def test_bad_objects_get_a_reason_and_never_stop_the_scan(s3_store, bucket, libr
     client.put_object(Bucket=bucket, Key="loras/huge/adapter_config.json",
                       Body=b" " * (s3.MAX_CONFIG_BYTES + 1))
     client.put_object(Bucket=bucket, Key=f"loras/huge/{WEIGHTS}", Body=b"x")
+    client.put_object(Bucket=bucket, Key="loras/short/adapter_config.json",
+                      Body=(library / "alpha" / CONFIG_FILE).read_bytes())
+    client.put_object(Bucket=bucket, Key=f"loras/short/{WEIGHTS}", Body=b"\x08\x00")
     client.put_object(Bucket=bucket, Key="loras/.hidden/adapter_config.json", Body=b"{}")
     client.put_object(Bucket=bucket, Key="loras/README.md", Body=b"beside the adapters")
     time.sleep(s3.SETTLE_SECS + 2.1)
-    found = by_name(scanner(s3_store, bucket, tmp_path).scan())
-    assert set(found) == {"good", "bad name!", "nested", "broken", "huge"}
+    found = look(scanner(s3_store, bucket, tmp_path))
+    assert set(found) == {"good", "bad name!", "nested", "broken", "huge", "short"}
     assert found["good"].valid
     assert "prefix name" in found["bad name!"].problem
     assert "no adapter files directly under" in found["nested"].problem
     assert found["broken"].problem == "adapter_config.json is not valid JSON"
     assert "a config over 1 MiB is not read" in found["huge"].problem
+    # Objects are whole: a short weights file is invalid, not "still being written".
+    assert found["short"].problem == "weights file is truncated or malformed"
     assert not any(f.pending for f in found.values())
 
 
@@ -153,7 +167,7 @@ def test_an_outage_keeps_what_was_listed_and_backs_off(s3_store, bucket, library
     upload(client, bucket, "beta", library / "beta")
     scan.scan()
     time.sleep(s3.SETTLE_SECS)
-    assert by_name(scan.scan())["beta"].valid
+    assert look(scan)["beta"].valid
 
 
 @pytest.mark.parametrize(("key", "secret", "names"), [

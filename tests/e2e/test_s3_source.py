@@ -6,6 +6,8 @@ loaded from a folder."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.e2e.server import Reusable, sglang_env, tiny_env, wait_until
@@ -63,6 +65,18 @@ def test_an_adapter_lives_and_goes_with_its_objects_on_sglang(sglang, s3_store, 
     # Changed: alpha's weights become beta's; alpha then answers as beta does.
     upload(client, store_bucket, "alpha", library / "beta", only=WEIGHTS)
     served_as(server, "alpha", beta)
+    # The runtime API: an adapter from the store unloaded stays unloaded over many passes;
+    # folders need NIM_PEFT_API_ALLOWED_PATHS; a change of its objects serves it again.
+    reply = server.http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
+    assert reply.status_code == 200, reply.text
+    time.sleep(3)  # three intervals
+    assert "404" in server.error_of("gamma")
+    assert server.adapters()["gamma"]["state"] == "unloaded"
+    reply = server.http.post("/v1/load_lora_adapter", json={
+        "lora_name": "other", "lora_path": str(library / "gamma")})
+    assert reply.status_code == 403 and "NIM_PEFT_API_ALLOWED_PATHS" in reply.text, reply.text
+    upload(client, store_bucket, "gamma", library / "alpha", only=WEIGHTS)
+    served_as(server, "gamma", alpha)
     # Removed: 404, and the models list no longer names it.
     for key in (CONFIG, WEIGHTS, "README.md"):
         client.delete_object(Bucket=store_bucket, Key=f"loras/gamma/{key}")
@@ -112,6 +126,9 @@ def test_vllm_serves_an_adapter_from_the_store_as_from_a_folder(
         reply = server.http.post("/v1/load_lora_adapter", json={
             "lora_name": f"folder-{variant}", "lora_path": str(library / variant)})
         assert reply.status_code == 200, reply.text
+    reply = server.http.post("/v1/load_lora_adapter", json={  # the store's name is taken
+        "lora_name": "alpha", "lora_path": str(library / "beta")})
+    assert reply.status_code == 400 and "comes from NIM_PEFT_SOURCE" in reply.text, reply.text
     from_folder = {v: server.complete(f"folder-{v}") for v in ("alpha", "beta")}
     assert from_folder["alpha"] != from_folder["beta"]
     assert server.complete("alpha") == from_folder["alpha"]
