@@ -33,7 +33,7 @@ COPY pyproject.toml README.md ./
 COPY entrypoint ./entrypoint
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
-    && python3 -m pip install --no-cache-dir ".[s3]" \
+    && python3 -m pip install --no-cache-dir "./[s3]" \
     && rm -rf /opt/lora-entrypoint/build \
     && lora-entrypoint --help >/dev/null \
     && mkdir -p /opt/nim/loras /opt/nim/.cache /opt/nim/profiles \

@@ -302,3 +302,24 @@ def test_aibrix_pods_carry_the_labels_its_controller_selects_on():
         root = next(a for a in allowed if spec["artifactURL"].startswith(a.rstrip("/") + "/"))
         assert mounts[root]["readOnly"] is True
         assert spec["additionalConfig"]["api-key"] == "${LORA_API_KEY}"  # filled at apply time
+
+
+def test_the_s3_example_reads_its_adapters_from_a_bucket():
+    """The object-store example: no adapter volume, the source an s3:// URL the settings accept,
+    and the keys from the Secret the same folder defines."""
+    from entrypoint.s3 import S3Url
+
+    deployment = documents(KUBE / "s3" / "deployment.yaml")[0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    url = S3Url.parse(env["NIM_PEFT_SOURCE"]["value"])
+    assert (url.bucket, url.prefix) == ("my-adapters", "loras/")
+    assert "adapters" not in {v["name"] for v in pod["volumes"]}
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}["cache"]
+    others = {d["kind"]: d for d in documents(KUBE / "s3" / "serviceaccount.yaml")}
+    assert pod["serviceAccountName"] == others["ServiceAccount"]["metadata"]["name"]
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        ref = env[key]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == others["Secret"]["metadata"]["name"]
+        assert ref["key"] in others["Secret"]["stringData"]

@@ -7,6 +7,7 @@ Skipped, with one line saying so, where no container engine works.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -238,3 +239,21 @@ def test_an_unreadable_model_is_one_clear_line(engine_env, tmp_path, tiny_model)
     assert lines[-1] == ("error: NIM_MODEL_NAME=/opt/models/base: model.safetensors cannot be "
                          "read by this user (uid 1000); make the model readable (chmod -R a+rX) "
                          "or run as its owner (docker run -u UID:GID)"), result.stderr
+
+
+def test_the_image_reads_adapters_from_an_s3_store(engine_env, s3_store, library):
+    """The image carries the S3 client: `check-adapters s3://...` in the container, against the
+    store on the host's loopback, judges what the store holds (by its URL)."""
+    client = s3_store.client()
+    client.create_bucket(Bucket="image-source")
+    for path in (library / "alpha").iterdir():
+        client.put_object(Bucket="image-source", Key=f"loras/alpha/{path.name}",
+                          Body=path.read_bytes())
+    variables = [f"--env={k}={v}" for k, v in s3_store.env().items()]
+    result = engine(engine_env, "run", "--rm", "--network", "host", *variables,
+                    "--entrypoint", "lora-entrypoint", TAG, "check-adapters", "--json",
+                    "s3://image-source/loras", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = json.loads(result.stdout)
+    assert [(a["name"], a["valid"], a["path"]) for a in found] == [
+        ("alpha", True, "s3://image-source/loras/alpha/")]
