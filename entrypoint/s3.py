@@ -115,6 +115,9 @@ def explain(exc: Exception, url: S3Url, endpoint: str) -> tuple[str, bool]:
         return ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(or AWS_PROFILE, or a web identity: AWS_ROLE_ARN and "
                 "AWS_WEB_IDENTITY_TOKEN_FILE)", True)
+    if isinstance(exc, bx.ParamValidationError):  # (the client checks names before sending)
+        return (f"the store's client refused the request ({exc}); check the bucket name in "
+                "NIM_PEFT_SOURCE", True)
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError
                   | bx.ReadTimeoutError | bx.ConnectionClosedError):
         return (f"the store at {endpoint} cannot be reached ({type(exc).__name__}); check "

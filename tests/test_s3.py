@@ -252,3 +252,15 @@ def test_a_thousand_adapters_cost_one_listing_per_thousand_keys(s3_store, bucket
     assert len(scan.scan()) == 500
     assert scan.list_calls == calls + 1
     assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == downloaded
+
+
+def test_without_the_s3_extra_the_setting_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "boto3" else real(name, *a))
+    with pytest.raises(ConfigError) as exc:
+        load_settings(need_model=False, peft_source="s3://bucket/loras")
+    assert str(exc.value).startswith("NIM_PEFT_SOURCE=s3://bucket/loras/: ")
+    assert "pip install 'lora-entrypoint[s3]'" in str(exc.value)
