@@ -190,11 +190,14 @@ def _read_regular(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def safetensors_problem(path: Path | str, size: int | None = None) -> str | None:
+def safetensors_problem(path: Path | str, size: int | None = None,
+                        rank: int | None = None) -> str | None:
     """None when the file is a complete safetensors file; otherwise what is wrong.
 
     A safetensors file starts with an 8-byte header length and a JSON header whose tensors'
-    offsets give the exact size of the file: a shorter file is still being written.
+    offsets give the exact size of the file: a shorter file is still being written. With
+    `rank` (the config's `r`), the LoRA A and B tensors must have that rank: a config and
+    weights from two versions (an overwrite caught half-way) do not pass.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -232,6 +235,21 @@ def safetensors_problem(path: Path | str, size: int | None = None) -> str | None
         return "incomplete: weights file still being written"
     if size > expected:
         return f"adapter_model.safetensors is {size} bytes but its header declares {expected}"
+    return None if rank is None else _rank_mismatch(header, rank)
+
+
+def _rank_mismatch(header: dict, rank: int) -> str | None:
+    """Why the LoRA tensors in a safetensors header do not have rank `rank` (None: they do)."""
+    for key, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or len(shape) != 2:
+            continue
+        found = shape[0] if key.endswith(".lora_A.weight") else (
+            shape[1] if key.endswith(".lora_B.weight") else rank)
+        if found != rank:
+            return (f"adapter_model.safetensors holds rank-{found} tensors but "
+                    f"adapter_config.json says r={rank}: the two files are from different "
+                    "versions (an upload or copy caught half-way?); copy both again")
     return None
 
 
@@ -433,7 +451,9 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
         )
     if problem is None and weights is not None:
         if weights_name == WEIGHT_FILES[0]:
-            problem = safetensors_problem(os.path.join(folder, weights_name), files[weights_name])
+            uniform = described["rank"] if not config.get("rank_pattern") else None
+            problem = safetensors_problem(os.path.join(folder, weights_name), files[weights_name],
+                                          rank=uniform)
         else:
             problem = zip_problem(weights)
         if problem and problem.startswith("incomplete"):

@@ -27,13 +27,27 @@ class JSONLineFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+#: control characters in a message (from a folder, object key or request): shown escaped, so
+#: that a name cannot forge or split log lines; tracebacks keep their lines
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f) if c != 0x09} | {
+    0x0a: "\\n", 0x0d: "\\r"}
+
+
+class PlainFormatter(logging.Formatter):
+    """`TIME LEVEL LOGGER: MESSAGE`, one line per message."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = record.message.translate(_CONTROL)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str = "INFO", *, jsonl: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if jsonl:
         handler.setFormatter(JSONLineFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+            PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -382,7 +382,7 @@ class Reconciler:
             self._count("failures", "invalid")
         level = logging.INFO if folder.pending else logging.WARNING
         verb = "waiting" if folder.pending else "skipped"
-        log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.path)
+        log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, _where(folder))
 
     async def _snapshot(self, state: AdapterState, folder: AdapterFolder) -> Path | str | None:
         """The path to load from (a fresh snapshot), why there is none now, or None when these
@@ -394,7 +394,7 @@ class Reconciler:
             path = await asyncio.to_thread(self.snapshots.take, folder, roots=roots)
         except SnapshotRefused as exc:
             self._count("failures", "invalid")
-            log.warning("adapter %s: not served: %s (%s)", folder.name, exc, folder.path)
+            log.warning("adapter %s: not served: %s (%s)", folder.name, exc, _where(folder))
             state.refused_by_backend(folder, str(exc))
             return None
         except SnapshotChanged as exc:
@@ -438,7 +438,8 @@ class Reconciler:
             state.loaded(path, folder.fingerprint)
             took = time.monotonic() - started
             log.info("adapter %s: %s in %.0f ms (rank %s, %s)", name,
-                     "reloaded" if inplace else "loaded", took * 1000, folder.rank, folder.path)
+                     "reloaded" if inplace else "loaded", took * 1000, folder.rank,
+                     _where(folder))
             self._count("loads", "reloaded" if inplace else "loaded", seconds=took)
             if old_path is not None and old_path != path:
                 await self._release(old_path)
@@ -448,7 +449,7 @@ class Reconciler:
         if reply.outcome is Outcome.REFUSED:
             self._count("failures", "refused")
             log.warning("adapter %s: refused by the backend: %s (%s)", name, reply.message,
-                        folder.path)
+                        _where(folder))
             state.refused_by_backend(folder, f"refused by the backend: {reply.message}")
             return
         self._count("failures", "transient")
@@ -538,7 +539,8 @@ class Reconciler:
         # Closed first (new requests get 404), then drained, then unloaded; its snapshot stays
         # until nothing can need it any more (`_release`).
         why = ("unloaded through the API" if hidden is not None
-               or state.record.origin is Origin.API else "folder removed")
+               or state.record.origin is Origin.API else
+               "removed from the store" if state.record.url else "folder removed")
         state.removing(why)
         async with self._gate(name, "unloading it, its files stay until they end"):
             reply = await self.backend.unload(self.client, name)
@@ -587,3 +589,9 @@ class Reconciler:
             log.warning("adapter %s: backend not answering (%s); retry %d in %.1f s",
                         state.name, message, state.attempts, delay)
         asyncio.get_running_loop().call_later(delay, self._wake)
+
+
+def _where(folder: AdapterFolder) -> str | Path:
+    """Where an adapter's files come from, as its user knows it: the object URL of an s3://
+    adapter (not its download folder), else its folder."""
+    return folder.url or folder.path

@@ -49,12 +49,19 @@ SETTLE_SECS = 1.0
 BACKOFF_BASE_SECS = 1.0
 BACKOFF_MAX_SECS = 60.0
 DOWNLOADERS = 8
+CONNECT_TIMEOUT_SECS = 5.0
+READ_TIMEOUT_SECS = 10.0  # per read of the socket, not per object
 CHUNK = 1 << 20
+ADAPTER_FILES = frozenset((CONFIG_FILE, *WEIGHT_FILES))  # directly under PREFIX/NAME/
 INSTALL = "pip install 'lora-entrypoint[s3]' (the container image includes it)"
 
 
 class S3Error(Exception):
     """An S3 source that cannot be used; the message names the variable to fix."""
+
+
+class NotS3(Exception):
+    """The endpoint answered, but not as an S3 store does."""
 
 
 @dataclass(frozen=True)
@@ -90,20 +97,23 @@ def is_s3(value: object) -> bool:
     return isinstance(value, S3Url) or (isinstance(value, str) and value.startswith(SCHEME))
 
 
-def make_client() -> Any:
+def make_client(endpoint: str | None = None) -> Any:
     """A boto3 S3 client from the standard AWS chain: AWS_* variables, profiles, web identity;
-    AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for S3-compatible stores. One retry inside; the
-    scanner backs off across passes."""
+    AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for S3-compatible stores, unless `endpoint` is
+    given. No retry inside; the scanner backs off across passes."""
     try:
         import boto3
         from botocore.config import Config
     except ImportError:
         raise S3Error(f"the S3 client (boto3) is not installed: {INSTALL}") from None
     session = boto3.session.Session()
-    config = Config(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=5,
-                    read_timeout=60, max_pool_connections=DOWNLOADERS * 2,
-                    user_agent_extra="lora-entrypoint")
-    return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
+    # A store that accepts connections and never answers must not hold a pass (and the runtime
+    # API waiting on it) for minutes: short timeouts, no retry inside (the scanner backs off).
+    config = Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                    connect_timeout=CONNECT_TIMEOUT_SECS, read_timeout=READ_TIMEOUT_SECS,
+                    max_pool_connections=DOWNLOADERS * 2, user_agent_extra="lora-entrypoint")
+    return session.client("s3", region_name=session.region_name or "us-east-1", config=config,
+                          endpoint_url=endpoint)
 
 
 def explain(exc: Exception, url: S3Url, endpoint: str) -> tuple[str, bool]:
@@ -115,11 +125,16 @@ def explain(exc: Exception, url: S3Url, endpoint: str) -> tuple[str, bool]:
         return ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(or AWS_PROFILE, or a web identity: AWS_ROLE_ARN and "
                 "AWS_WEB_IDENTITY_TOKEN_FILE)", True)
+    if isinstance(exc, NotS3):
+        return str(exc), True
     if isinstance(exc, bx.ParamValidationError):  # (the client checks names before sending)
         return (f"the store's client refused the request ({exc}); check the bucket name in "
                 "NIM_PEFT_SOURCE", True)
+    if isinstance(exc, bx.ReadTimeoutError):
+        return (f"the store at {endpoint} accepted the connection but did not answer within "
+                f"{READ_TIMEOUT_SECS:.0f} s; check AWS_ENDPOINT_URL and the store", False)
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError
-                  | bx.ReadTimeoutError | bx.ConnectionClosedError):
+                  | bx.ConnectionClosedError):
         return (f"the store at {endpoint} cannot be reached ({type(exc).__name__}); check "
                 "AWS_ENDPOINT_URL and the network", False)
     if isinstance(exc, bx.ClientError):
@@ -163,12 +178,15 @@ class _Listed:
     """One adapter's objects in one listing, and when this exact set was first seen."""
 
     objects: dict[str, _Object]  # the key below PREFIX/NAME/ -> object
-    fingerprint: str
+    fingerprint: str  # of the adapter's own files (config and weights) only
     since: float  # monotonic
+    weights_new: bool = False  # this listing is the first to show the current weights
 
 
 def _fingerprint(objects: dict[str, _Object]) -> str:
-    parts = sorted(f"{key}\0{o.size}\0{o.etag}" for key, o in objects.items())
+    """Of the adapter's own files: a README or a training log beside them changes nothing."""
+    parts = sorted(f"{key}\0{o.size}\0{o.etag}" for key, o in objects.items()
+                   if key in ADAPTER_FILES)
     return hashlib.blake2b("\0".join(parts).encode(errors="surrogateescape"),
                            digest_size=12).hexdigest()
 
@@ -179,8 +197,12 @@ class S3Scanner:
     `AdapterScanner`). Never raises from `scan`: a failed listing is `source_problem`."""
 
     def __init__(self, source: S3Url, *, downloads: Path, limit: RankLimit | None = None,
-                 served_name: str | None = None, client: Any = None) -> None:
+                 served_name: str | None = None, client: Any = None,
+                 settle: float = SETTLE_SECS) -> None:
         self.source = source
+        #: how long an adapter's objects must stay unchanged (the refresh interval in `serve`:
+        #: two consecutive listings)
+        self.settle = max(SETTLE_SECS, settle)
         self.downloads = downloads
         self.limit = limit
         self.served_name = served_name
@@ -204,6 +226,8 @@ class S3Scanner:
         self._closed = threading.Event()
         self.on_download: Callable[[], None] | None = None
         self._reported: dict[str, str] = {}  # the last download problem logged, per adapter
+        self._want: dict[str, str] = {}  # the version of each adapter a download is wanted of
+        self._to_start: list[tuple[int, AdapterFolder, _Listed]] = []
 
     #: what the service does while `source_problem` lasts (it logs this once)
     retry_hint = f"retrying with backoff (up to {BACKOFF_MAX_SECS:.0f} s between listings)"
@@ -244,15 +268,19 @@ class S3Scanner:
             fingerprint = _fingerprint(objects)
             old = self._listed.get(name)
             since = old.since if old is not None and old.fingerprint == fingerprint else now
-            listed[name] = current = _Listed(objects, fingerprint, since)
+            listed[name] = current = _Listed(objects, fingerprint, since,
+                                             weights_new=_weights(objects) != _weights(
+                                                 old.objects if old else {}))
             kept = self._known.get(name)
             if kept is not None and kept.fingerprint == fingerprint and not kept.pending:
                 known[name] = kept
                 continue
             known[name] = self._judge(name, current, old, now, server_now) or \
                 self._downloaded(name, current)
-        for name in set(self._inflight) - set(known):
-            del self._inflight[name]  # its prefix went: the download's result is not wanted
+        for name in set(self._want) - set(known):
+            self._want.pop(name)  # its prefix went: its download stops, its result is unwanted
+            self._inflight.pop(name, None)
+        self._start_downloads()
         self._listed, self._known = listed, known
         self._collect()
         return list(known.values())
@@ -277,6 +305,10 @@ class S3Scanner:
         first = True
         for page in paginator.paginate(Bucket=self.source.bucket, Prefix=prefix):
             self.list_calls += 1
+            if page.get("Name") != self.source.bucket:  # a 200 that is no ListBucketResult
+                raise NotS3(f"the endpoint {self.endpoint} answered a listing of bucket "
+                            f"'{self.source.bucket}' with something that is not an S3 listing "
+                            "(a proxy or maintenance page?); check AWS_ENDPOINT_URL")
             if first:
                 server_now = _server_time(page) or server_now
                 first = False
@@ -322,28 +354,28 @@ class S3Scanner:
         if direct[CONFIG_FILE].size > MAX_CONFIG_BYTES:
             return replace(base, problem=f"adapter_config.json is {direct[CONFIG_FILE].size} "
                            f"bytes; a config over {MAX_CONFIG_BYTES >> 20} MiB is not read")
-        if self._complete(current, old, weights, now, server_now):
+        if self._complete(current, old, now, server_now):
             return None
         return replace(base, pending=True, problem="uploading: its objects changed since the "
                        "last listing; waiting for a listing that shows them unchanged")
 
-    @staticmethod
-    def _complete(current: _Listed, old: _Listed | None, weights: str, now: float,
+    def _complete(self, current: _Listed, old: _Listed | None, now: float,
                   server_now: float) -> bool:
-        """Never half an adapter: its objects were the same in two listings `SETTLE_SECS`
-        apart, or are all older than that by the store's clock, or only the config changed
-        since the last listing (uploaded last)."""
-        if now - current.since >= SETTLE_SECS:
+        """Never half an adapter: its config and weights were the same in two listings
+        `settle` seconds apart, or are all older than that by the store's clock, or the weights
+        arrived in the last listing and the config in this one (weights first, config last:
+        the upload is done). A config that changes while the weights stay as they were is not
+        enough: that is also how an upload that sends the config first looks."""
+        if now - current.since >= self.settle:
             return True
-        newest = max(o.modified for o in current.objects.values())
-        if server_now - newest >= SETTLE_SECS + 1.0:  # (LastModified has 1 s resolution)
+        own = [o for key, o in current.objects.items() if key in ADAPTER_FILES]
+        if server_now - max(o.modified for o in own) >= self.settle + 1.0:  # (1 s resolution)
             return True
-        if old is None:
+        if old is None or not old.weights_new:
             return False
-        before, after = old.objects, current.objects
-        config = before.get(CONFIG_FILE)
-        return (before.get(weights) == after.get(weights)
-                and (config is None or config.etag != after[CONFIG_FILE].etag))
+        before, after = old.objects.get(CONFIG_FILE), current.objects[CONFIG_FILE]
+        return (_weights(old.objects) == _weights(current.objects)
+                and (before is None or before.etag != after.etag))
 
     # ---- downloading ----
 
@@ -363,10 +395,22 @@ class S3Scanner:
                                "looking again")
         if (self.downloads / f"{name}-{listed.fingerprint}").is_dir():
             return self._fetch(base, listed)  # downloaded before: inspected at once
-        future = self._pool.submit(self._fetch, base, listed)
-        self._inflight[name] = (listed.fingerprint, future)
-        future.add_done_callback(self._done)
+        self._want[name] = listed.fingerprint  # (an older download of it stops at its next chunk)
+        self._to_start.append((sum(o.size for k, o in listed.objects.items()
+                                   if k in ADAPTER_FILES), base, listed))
         return replace(base, pending=True, problem=f"downloading from {base.url}")
+
+    def _start_downloads(self) -> None:
+        """Start the downloads this pass asked for, smallest first (a small adapter is not
+        queued behind large ones started in the same pass)."""
+        for _, base, listed in sorted(self._to_start, key=lambda job: job[0]):
+            future = self._pool.submit(self._fetch, base, listed)
+            self._inflight[base.name] = (listed.fingerprint, future)
+            future.add_done_callback(self._done)
+        self._to_start = []
+
+    def _wanted(self, name: str, fingerprint: str) -> bool:
+        return self._want.get(name) == fingerprint
 
     def _done(self, _: concurrent.futures.Future[AdapterFolder]) -> None:
         if self.on_download is not None and not self._closed.is_set():
@@ -381,6 +425,8 @@ class S3Scanner:
                 self._download(name, listed, target)
         except _Changed as exc:
             return replace(base, pending=True, problem=f"uploading: {exc}; looking again")
+        except _Unwanted:
+            return replace(base, pending=True, problem="download called off; looking again")
         except Exception as exc:  # noqa: BLE001 - one adapter's failure is its own reason
             problem, _ = explain(exc, self.source, self.endpoint) if not isinstance(
                 exc, OSError) else (f"cannot be written under NIM_CACHE_PATH ({exc})", False)
@@ -419,8 +465,8 @@ class S3Scanner:
                 with path.open("wb") as out:
                     body = answer["Body"]
                     while chunk := body.read(CHUNK):
-                        if self._closed.is_set():
-                            raise _Changed("stopping")
+                        if self._closed.is_set() or not self._wanted(name, listed.fingerprint):
+                            raise _Unwanted()
                         out.write(chunk)
                 if path.stat().st_size != expected.size or (
                         answer.get("ETag") and answer["ETag"] != expected.etag):
@@ -451,8 +497,17 @@ def _adapter_file(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in (CONFIG_FILE, *WEIGHT_FILES)
 
 
+def _weights(objects: dict[str, _Object]) -> tuple[tuple[str, int, str], ...]:
+    """The adapter's weights files, as listed."""
+    return tuple((k, objects[k].size, objects[k].etag) for k in WEIGHT_FILES if k in objects)
+
+
 class _Changed(Exception):
     """The objects changed between the listing and the download."""
+
+
+class _Unwanted(Exception):
+    """The download is no longer wanted (its prefix went, a newer version came, stopping)."""
 
 
 def _server_time(page: dict[str, Any]) -> float | None:
@@ -474,7 +529,7 @@ def first_scan(scanner: S3Scanner) -> list[AdapterFolder]:
             break
         downloading = scanner.wait_downloads()
         if scanner.settling:
-            time.sleep(SETTLE_SECS)
+            time.sleep(scanner.settle)
         elif not downloading:
             break
         folders = scanner.scan()
@@ -482,9 +537,12 @@ def first_scan(scanner: S3Scanner) -> list[AdapterFolder]:
 
 
 def source_scanner(source: Path | S3Url, *, downloads: Path, limit: RankLimit | None = None,
-                   served_name: str | None = None) -> AdapterScanner | S3Scanner:
+                   served_name: str | None = None,
+                   settle: float = SETTLE_SECS) -> AdapterScanner | S3Scanner:
     """The scanner for NIM_PEFT_SOURCE: a folder's, or an S3 prefix's (whose adapters are
-    downloaded under `downloads`). Raises S3Error when the S3 client cannot be made."""
+    downloaded under `downloads`, once unchanged for `settle` seconds). Raises S3Error when the
+    S3 client cannot be made."""
     if isinstance(source, S3Url):
-        return S3Scanner(source, downloads=downloads, limit=limit, served_name=served_name)
+        return S3Scanner(source, downloads=downloads, limit=limit, served_name=served_name,
+                         settle=settle)
     return AdapterScanner(source, limit=limit, served_name=served_name)

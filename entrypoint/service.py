@@ -34,7 +34,7 @@ from .metrics import LoraRequestsInfo, Metrics
 from .profiles import Profile, load_profiles, model_parameters, select_profile
 from .reconcile import DRAIN_SECS, LATE_SWAP_WATCH_SECS, Reconciler
 from .registry import AdapterRecord, Registry, State, Traffic
-from .s3 import S3Error, S3Scanner, first_scan, source_scanner
+from .s3 import SETTLE_SECS, S3Error, S3Scanner, first_scan, source_scanner
 from .settings import ConfigError, Settings
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
 from .supervisor import BackendProcess, become_subreaper, reap_orphans
@@ -120,7 +120,8 @@ def source_scanner_for(settings: Settings, downloads: Path,
     assert settings.peft_source is not None
     try:
         return source_scanner(settings.peft_source, downloads=downloads, limit=limit,
-                              served_name=settings.served_name)
+                              served_name=settings.served_name,
+                              settle=settings.peft_refresh_interval or SETTLE_SECS)
     except S3Error as exc:
         raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: {exc}") from None
 

@@ -264,3 +264,93 @@ def test_without_the_s3_extra_the_setting_says_what_to_install(monkeypatch):
         load_settings(need_model=False, peft_source="s3://bucket/loras")
     assert str(exc.value).startswith("NIM_PEFT_SOURCE=s3://bucket/loras/: ")
     assert "pip install 'lora-entrypoint[s3]'" in str(exc.value)
+
+
+def test_an_overwrite_caught_half_way_is_never_taken_for_a_version(
+        s3_store, bucket, library, tmp_path):
+    """A new config uploaded first (the small object lands first) over an adapter served: not
+    complete on the next listing, and after the settle time the mix of a new config and the old
+    weights is refused (the ranks disagree), never served; the weights' arrival completes it."""
+    client = s3_store.client()
+    upload(client, bucket, "alpha", library / "alpha")
+    scan = scanner(s3_store, bucket, tmp_path)
+    assert by_name(s3.first_scan(scan))["alpha"].valid
+    upload(client, bucket, "alpha", library / "big", only=CONFIG_FILE)  # r=64 over rank-8 weights
+    assert by_name(scan.scan())["alpha"].problem.startswith("uploading")
+    time.sleep(s3.SETTLE_SECS)
+    mixed = look(scan)["alpha"]
+    assert not mixed.valid and not mixed.pending
+    assert "rank-8 tensors but adapter_config.json says r=64" in mixed.problem
+    upload(client, bucket, "alpha", library / "big", only=WEIGHTS)
+    scan.scan()
+    time.sleep(s3.SETTLE_SECS)
+    whole = look(scan)["alpha"]
+    assert whole.valid and whole.rank == 64
+
+
+def test_files_beside_an_adapter_are_not_part_of_it(s3_store, bucket, library, tmp_path):
+    """A training job writing logs into the prefix: neither keeps a new adapter pending nor
+    makes a served one a new version (no download, no reload)."""
+    client = s3_store.client()
+    upload(client, bucket, "alpha", library / "alpha")
+    scan = scanner(s3_store, bucket, tmp_path)
+    alpha = by_name(s3.first_scan(scan))["alpha"]
+    assert alpha.valid
+    for step in range(3):
+        client.put_object(Bucket=bucket, Key="loras/alpha/logs/train.log", Body=b"x" * step)
+        client.put_object(Bucket=bucket, Key="loras/alpha/README.md", Body=b"y" * step)
+        assert by_name(scan.scan())["alpha"] is alpha
+
+
+def test_an_endpoint_that_is_not_s3_is_a_problem_not_an_empty_store(tmp_path):
+    """A proxy's maintenance page (200, HTML) must not read as a bucket with no adapters: that
+    would unload every adapter."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b"<html><body>Down for maintenance</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{server.server_port}",
+                              region_name="us-east-1", aws_access_key_id="k",
+                              aws_secret_access_key="s")
+        scan = S3Scanner(S3Url("bucket", "loras/"), downloads=tmp_path, client=client)
+        assert scan.scan() == []
+        assert "not an S3 listing" in scan.source_problem and "AWS_ENDPOINT_URL" in \
+            scan.source_problem
+    finally:
+        server.shutdown()
+
+
+def test_a_store_that_never_answers_holds_a_pass_seconds_not_minutes(tmp_path, monkeypatch):
+    import socket
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts (the kernel does), never answers
+    try:
+        scan = S3Scanner(S3Url("bucket", "loras/"), downloads=tmp_path,
+                         client=s3.make_client(f"http://127.0.0.1:{silent.getsockname()[1]}"))
+        started = time.monotonic()
+        assert scan.scan() == []
+        took = time.monotonic() - started
+        assert took < 2 * s3.READ_TIMEOUT_SECS, took  # one read timeout, no retries inside
+        assert "did not answer within" in scan.source_problem and not scan.fatal
+        assert "AWS_ENDPOINT_URL" in scan.source_problem
+    finally:
+        silent.close()
