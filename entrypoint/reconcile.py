@@ -289,7 +289,11 @@ class Reconciler:
         if record.state is State.REMOVING:
             return True  # its folder is back (or an API unload was undone) mid-removal
         # (an API load from another folder can bring files with the same fingerprint)
-        return record.loaded_version != folder.fingerprint or record.source != folder.path
+        if record.loaded_version != folder.fingerprint or record.source != folder.path:
+            return True
+        # Served as the folder wants: still work while a failed call's retry is due, for the
+        # backend may have come to hold this very version anyway; the retry settles the record.
+        return state.attempts > 0
 
     @staticmethod
     def _stray(name: str, state: AdapterState | None, actual: dict[str, str] | None) -> bool:
@@ -338,6 +342,8 @@ class Reconciler:
                     self._record_invalid(folder)
                 elif self._call_off_removal(state, folder, actual):
                     pass
+                elif self._served_after_all(state, folder, actual):
+                    pass
                 elif state is None or state.refused != folder.fingerprint:
                     await self._load(folder, actual)
         except Exception as exc:  # never let one adapter take the loop down
@@ -366,6 +372,26 @@ class Reconciler:
         state.loaded(state.record.loaded_path, folder.fingerprint)
         log.info("adapter %s: its removal is called off: the same files are wanted again",
                  folder.name)
+        return True
+
+    def _served_after_all(self, state: AdapterState | None, folder: AdapterFolder,
+                          actual: dict[str, str] | None) -> bool:
+        """A retry that is not needed: the backend's list shows it serving the very snapshot we
+        serve, of the folder's current files. The load that failed was redundant (sent on a
+        listing read before a swap landed) or one that timed out landed later. Found by the
+        chaos run on vLLM: such a failure left the record `ready` with "reload will be retried"
+        for ever, since nothing else was left to do, so no retry ever came."""
+        if (state is None or not state.serving or actual is None
+                or actual.get(state.name) != str(state.record.loaded_path)
+                or state.record.loaded_version != folder.fingerprint
+                or state.record.source != folder.path):
+            return False
+        assert state.record.loaded_path is not None
+        retried = state.attempts > 0
+        state.loaded(state.record.loaded_path, folder.fingerprint)
+        if retried:
+            log.info("adapter %s: the backend serves its current files after all; nothing to "
+                     "retry", folder.name)
         return True
 
     def _record_invalid(self, folder: AdapterFolder) -> None:
@@ -499,6 +525,18 @@ class Reconciler:
         gate opened now, it could land under running requests and mix two versions in their
         answers (seen in the chaos run on vLLM). So the gate stays shut while the backend's list
         is watched for `path`, up to LATE_SWAP_WATCH_SECS. True when it landed."""
+        if await self._watch(lambda actual: actual.get(name) == str(path)):
+            log.info("adapter %s: the swap that timed out reached the backend after all",
+                     name)
+            return True
+        log.warning("adapter %s: the backend did not confirm the swap within %.0f s of its "
+                    "timeout; requests resume on the previous version and the swap is retried",
+                    name, LATE_SWAP_WATCH_SECS)
+        return False
+
+    async def _watch(self, landed: Callable[[dict[str, str]], bool]) -> bool:
+        """Watch the backend's list (up to LATE_SWAP_WATCH_SECS) until `landed(list)`: a call
+        whose answer never came may still be carried out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LATE_SWAP_WATCH_SECS
         while loop.time() < deadline:
@@ -507,13 +545,8 @@ class Reconciler:
                 actual = await self.backend.loaded(self.client)
             except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-            if actual.get(name) == str(path):
-                log.info("adapter %s: the swap that timed out reached the backend after all",
-                         name)
+            if landed(actual):
                 return True
-        log.warning("adapter %s: the backend did not confirm the swap within %.0f s of its "
-                    "timeout; requests resume on the previous version and the swap is retried",
-                    name, LATE_SWAP_WATCH_SECS)
         return False
 
     @contextlib.asynccontextmanager
@@ -544,6 +577,10 @@ class Reconciler:
         state.removing(why)
         async with self._gate(name, "unloading it, its files stay until they end"):
             reply = await self.backend.unload(self.client, name)
+        if reply.unanswered and await self._watch(lambda actual: name not in actual):
+            # An unload that timed out and landed later would otherwise remove a version
+            # loaded again meanwhile (its folder back); seen in the chaos run on vLLM.
+            reply = Reply(Outcome.DONE)
         if reply.outcome in (Outcome.DONE, Outcome.GONE):
             self._forget(name)
             log.info("adapter %s: unloaded (%s)", name, why)

@@ -28,6 +28,7 @@ class ScriptedBackend(VLLMBackend):
         self.calls: list[tuple[str, str]] = []
         self.refuse: set[str] = set()
         self.down = False
+        self.late_unload: float | None = None  # unloads time out here and land this much later
 
     async def load(self, client, name, path, *, replace=False) -> Reply:
         self.calls.append(("load", name))
@@ -42,6 +43,9 @@ class ScriptedBackend(VLLMBackend):
 
     async def unload(self, client, name) -> Reply:
         self.calls.append(("unload", name))
+        if self.late_unload is not None:
+            asyncio.get_running_loop().call_later(self.late_unload, self.served.pop, name, None)
+            return Reply(Outcome.TRANSIENT, "ReadTimeout", unanswered=True)
         return Reply(Outcome.DONE) if self.served.pop(name, None) else Reply(Outcome.GONE)
 
     async def loaded(self, client) -> dict[str, str]:
@@ -130,6 +134,34 @@ def test_lost_in_backend_is_loaded_again(setup, library):
         backend.served.clear()  # e.g. unloaded through the backend's own API
         await settle(reconciler)
         assert "alpha" in backend.served
+
+    asyncio.run(scenario())
+
+
+def test_a_retry_the_backend_no_longer_needs_settles_the_record(setup, library):
+    """The backend lost what we serve, the load that gives it back fails, and then the backend
+    holds it anyway (a load that timed out landing late; a list read before a swap landed). The
+    retry finds nothing to load and clears "will be retried"; before, that reason stayed for
+    ever, as nothing was left to do (the chaos run on vLLM waited 90 s for it)."""
+    source, backend, registry, reconciler = setup
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        served = backend.served.pop("alpha")  # lost (unloaded behind our back)
+        backend.down = True
+        await settle(reconciler)
+        assert "will be retried" in registry.get("alpha").reason
+        backend.down = False
+        backend.served["alpha"] = served  # the timed-out load lands after all
+        calls = len(backend.calls)
+        await asyncio.sleep(0.6)  # the backoff
+        await settle(reconciler)
+        record = registry.get("alpha")
+        assert record.state is State.READY and record.reason == "", record
+        assert len(backend.calls) == calls  # nothing loaded again: it was there
+        await settle(reconciler)
+        assert len(backend.calls) == calls and registry.get("alpha").reason == ""
 
     asyncio.run(scenario())
 
@@ -441,5 +473,29 @@ def test_a_folder_moved_out_and_back_mid_removal_is_served_again(setup, library,
         record = registry.get("alpha")
         assert record.state is State.READY and record.servable, record
         assert "alpha" in backend.served
+
+    asyncio.run(scenario())
+
+
+def test_an_unload_that_times_out_and_lands_later_is_done_not_retried(setup, library):
+    """The unload's answer never came but the backend carried it out a little later: the removal
+    is done (one unload call), and the folder coming back is loaded afresh; before, the late
+    unload could remove the version loaded again meanwhile (seen in the chaos run on vLLM)."""
+    source, backend, registry, reconciler = setup
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        backend.late_unload = 0.5
+        shutil.rmtree(source / "alpha")
+        await reconciler.sync()
+        await asyncio.sleep(0.1)
+        copy_adapter(library / "alpha", source / "alpha")  # back while the unload is in flight
+        await settle(reconciler)
+        assert registry.get("alpha") is None  # the removal ended when the unload landed
+        assert backend.calls.count(("unload", "alpha")) == 1
+        backend.late_unload = None
+        await settle(reconciler)
+        assert registry.get("alpha").state is State.READY and "alpha" in backend.served
 
     asyncio.run(scenario())
