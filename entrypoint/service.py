@@ -147,13 +147,15 @@ def scan_adapters(settings: Settings, downloads: Path) -> list[AdapterFolder]:
 
 
 def judge_adapters(
-    settings: Settings, backend: Backend, intent: Intent | None = None, *, downloads: Path
+    settings: Settings, backend: Backend, intent: Intent | None = None, *,
+    downloads: Path | None = None,
 ) -> tuple[tuple[AdapterFolder, ...], RankLimit]:
     """The adapters in NIM_PEFT_SOURCE now, and the rank limit they give (NIM_MAX_LORA_RANK,
     or derived from them and from the adapters kept from runtime API loads), each judged
     against it. `serve` and `check-adapters` both use this, so they agree on every adapter.
-    Adapters from an s3:// source are downloaded under `downloads`."""
-    found = scan_adapters(settings, downloads)
+    Adapters from an s3:// source are downloaded under `downloads` (default: this instance's
+    folder under NIM_CACHE_PATH)."""
+    found = scan_adapters(settings, downloads or downloads_folder(settings))
     kept = [] if intent is None else [
         inspect_folder(path, name=name) for name, path in intent.loaded.items()
         if outside_roots(str(path), settings.api_roots) is None]
@@ -179,8 +181,7 @@ def resolve(
     profile, notes = choose_profile(settings, dry_run=dry_run)
     backend = plan_backend(settings, profile)
     intent = kept_intent(settings)
-    adapters, limit = judge_adapters(settings, backend, intent,
-                                     downloads=downloads or downloads_folder(settings))
+    adapters, limit = judge_adapters(settings, backend, intent, downloads=downloads)
     skipped: dict[str, str] = {}
     paths: dict[str, Path] = {}
     if snapshots is not None and not settings.dynamic:
