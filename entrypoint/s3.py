@@ -49,6 +49,7 @@ SETTLE_SECS = 1.0
 BACKOFF_BASE_SECS = 1.0
 BACKOFF_MAX_SECS = 60.0
 DOWNLOADERS = 8
+FIRST_SETTLE_MAX_SECS = 5.0  # the longest start-up waits for an upload caught in progress
 CONNECT_TIMEOUT_SECS = 5.0
 READ_TIMEOUT_SECS = 10.0  # per read of the socket, not per object
 CHUNK = 1 << 20
@@ -106,14 +107,24 @@ def make_client(endpoint: str | None = None) -> Any:
         from botocore.config import Config
     except ImportError:
         raise S3Error(f"the S3 client (boto3) is not installed: {INSTALL}") from None
-    session = boto3.session.Session()
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        session = boto3.session.Session()
+        region = session.region_name or "us-east-1"
+    except BotoCoreError as exc:  # AWS_PROFILE naming no profile, a broken config file
+        raise S3Error(f"the AWS configuration cannot be read ({exc}); check AWS_PROFILE and "
+                      "AWS_CONFIG_FILE") from None
     # A store that accepts connections and never answers must not hold a pass (and the runtime
     # API waiting on it) for minutes: short timeouts, no retry inside (the scanner backs off).
     config = Config(retries={"total_max_attempts": 1, "mode": "standard"},
                     connect_timeout=CONNECT_TIMEOUT_SECS, read_timeout=READ_TIMEOUT_SECS,
                     max_pool_connections=DOWNLOADERS * 2, user_agent_extra="lora-entrypoint")
-    return session.client("s3", region_name=session.region_name or "us-east-1", config=config,
-                          endpoint_url=endpoint)
+    try:
+        return session.client("s3", region_name=region, config=config, endpoint_url=endpoint)
+    except (ValueError, BotoCoreError) as exc:
+        raise S3Error(f"the S3 client cannot be set up ({exc}); check AWS_ENDPOINT_URL (a URL "
+                      "such as http://minio:9000) and AWS_DEFAULT_REGION") from None
 
 
 def explain(exc: Exception, url: S3Url, endpoint: str) -> tuple[str, bool]:
@@ -135,8 +146,8 @@ def explain(exc: Exception, url: S3Url, endpoint: str) -> tuple[str, bool]:
                 f"{READ_TIMEOUT_SECS:.0f} s; check AWS_ENDPOINT_URL and the store", False)
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError
                   | bx.ConnectionClosedError):
-        return (f"the store at {endpoint} cannot be reached ({type(exc).__name__}); check "
-                "AWS_ENDPOINT_URL and the network", False)
+        return (f"the store at {endpoint} cannot be reached; check AWS_ENDPOINT_URL and the "
+                "network", False)
     if isinstance(exc, bx.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -181,6 +192,8 @@ class _Listed:
     fingerprint: str  # of the adapter's own files (config and weights) only
     since: float  # monotonic
     weights_new: bool = False  # this listing is the first to show the current weights
+    #: unchanged since this scanner first listed the adapter (the store's clock may judge it)
+    fresh: bool = True
 
 
 def _fingerprint(objects: dict[str, _Object]) -> str:
@@ -227,6 +240,9 @@ class S3Scanner:
         self.on_download: Callable[[], None] | None = None
         self._reported: dict[str, str] = {}  # the last download problem logged, per adapter
         self._want: dict[str, str] = {}  # the version of each adapter a download is wanted of
+        self._running: set[concurrent.futures.Future[AdapterFolder]] = set()
+        #: failed downloads: name -> (fingerprint, failures in a row, retry after, reason)
+        self._failed: dict[str, tuple[str, int, float, str]] = {}
         self._to_start: list[tuple[int, AdapterFolder, _Listed]] = []
 
     #: what the service does while `source_problem` lasts (it logs this once)
@@ -268,9 +284,10 @@ class S3Scanner:
             fingerprint = _fingerprint(objects)
             old = self._listed.get(name)
             since = old.since if old is not None and old.fingerprint == fingerprint else now
-            listed[name] = current = _Listed(objects, fingerprint, since,
-                                             weights_new=_weights(objects) != _weights(
-                                                 old.objects if old else {}))
+            listed[name] = current = _Listed(
+                objects, fingerprint, since,
+                weights_new=_weights(objects) != _weights(old.objects if old else {}),
+                fresh=old is None or (old.fresh and old.fingerprint == fingerprint))
             kept = self._known.get(name)
             if kept is not None and kept.fingerprint == fingerprint and not kept.pending:
                 known[name] = kept
@@ -280,10 +297,17 @@ class S3Scanner:
         for name in set(self._want) - set(known):
             self._want.pop(name)  # its prefix went: its download stops, its result is unwanted
             self._inflight.pop(name, None)
+            self._failed.pop(name, None)
         self._start_downloads()
         self._listed, self._known = listed, known
         self._collect()
         return list(known.values())
+
+    def next_retry(self) -> float | None:
+        """Seconds until the first failed download may be tried again (None: none failed)."""
+        if not self._failed:
+            return None
+        return max(0.0, min(f[2] for f in self._failed.values()) - time.monotonic())
 
     def wait_downloads(self, timeout: float | None = None) -> bool:
         """Wait for the downloads under way; True when there were any."""
@@ -362,15 +386,17 @@ class S3Scanner:
     def _complete(self, current: _Listed, old: _Listed | None, now: float,
                   server_now: float) -> bool:
         """Never half an adapter: its config and weights were the same in two listings
-        `settle` seconds apart, or are all older than that by the store's clock, or the weights
-        arrived in the last listing and the config in this one (weights first, config last:
-        the upload is done). A config that changes while the weights stay as they were is not
-        enough: that is also how an upload that sends the config first looks."""
+        `settle` seconds apart, or (first seen) are all older than that by the store's clock, or
+        the weights arrived in the last listing and the config in this one (weights first,
+        config last: the upload is done). A config that changes while the weights stay as they
+        were is not enough: that is also how an upload that sends the config first looks."""
         if now - current.since >= self.settle:
             return True
-        own = [o for key, o in current.objects.items() if key in ADAPTER_FILES]
-        if server_now - max(o.modified for o in own) >= self.settle + 1.0:  # (1 s resolution)
-            return True
+        if current.fresh:  # as first listed: all older than `settle` by the store's clock will do
+            own = [o for key, o in current.objects.items() if key in ADAPTER_FILES]
+            if server_now - max(o.modified for o in own) >= self.settle + 1.0:  # (1 s steps)
+                return True
+        # (not for a change: a multipart object's LastModified is when its upload began)
         if old is None or not old.weights_new:
             return False
         before, after = old.objects.get(CONFIG_FILE), current.objects[CONFIG_FILE]
@@ -386,7 +412,7 @@ class S3Scanner:
         job = self._inflight.get(name)
         if job is not None and job[0] == listed.fingerprint:
             if not job[1].done():
-                return replace(base, pending=True, problem=f"downloading from {base.url}")
+                return replace(base, pending=True, problem=self._downloading(name, base))
             del self._inflight[name]
             try:
                 return job[1].result()
@@ -395,10 +421,20 @@ class S3Scanner:
                                "looking again")
         if (self.downloads / f"{name}-{listed.fingerprint}").is_dir():
             return self._fetch(base, listed)  # downloaded before: inspected at once
+        failed = self._failed.get(name)
+        if failed is not None and failed[0] == listed.fingerprint and \
+                time.monotonic() < failed[2]:
+            return replace(base, pending=True, problem=failed[3])  # backing off
         self._want[name] = listed.fingerprint  # (an older download of it stops at its next chunk)
         self._to_start.append((sum(o.size for k, o in listed.objects.items()
                                    if k in ADAPTER_FILES), base, listed))
-        return replace(base, pending=True, problem=f"downloading from {base.url}")
+        return replace(base, pending=True, problem=self._downloading(name, base))
+
+    def _downloading(self, name: str, base: AdapterFolder) -> str:
+        """The reason shown while a download runs: a retry keeps its failure's reason."""
+        failed = self._failed.get(name)
+        return failed[3] if failed is not None and failed[0] == base.fingerprint else \
+            f"downloading from {base.url}"
 
     def _start_downloads(self) -> None:
         """Start the downloads this pass asked for, smallest first (a small adapter is not
@@ -406,14 +442,20 @@ class S3Scanner:
         for _, base, listed in sorted(self._to_start, key=lambda job: job[0]):
             future = self._pool.submit(self._fetch, base, listed)
             self._inflight[base.name] = (listed.fingerprint, future)
+            self._running.add(future)
             future.add_done_callback(self._done)
         self._to_start = []
 
     def _wanted(self, name: str, fingerprint: str) -> bool:
         return self._want.get(name) == fingerprint
 
-    def _done(self, _: concurrent.futures.Future[AdapterFolder]) -> None:
-        if self.on_download is not None and not self._closed.is_set():
+    def _done(self, future: concurrent.futures.Future[AdapterFolder]) -> None:
+        """A download ended: a pass takes its result now when it is usable (a failed one is
+        tried again after its backoff, at a pass that comes anyway)."""
+        self._running.discard(future)
+        usable = not future.cancelled() and future.exception() is None and not (
+            future.result().pending)
+        if usable and self.on_download is not None and not self._closed.is_set():
             self.on_download()
 
     def _fetch(self, base: AdapterFolder, listed: _Listed) -> AdapterFolder:
@@ -430,13 +472,18 @@ class S3Scanner:
         except Exception as exc:  # noqa: BLE001 - one adapter's failure is its own reason
             problem, _ = explain(exc, self.source, self.endpoint) if not isinstance(
                 exc, OSError) else (f"cannot be written under NIM_CACHE_PATH ({exc})", False)
+            reason = f"download failed: {problem}; retrying with backoff"
+            old = self._failed.get(name)
+            failures = old[1] + 1 if old is not None and old[0] == listed.fingerprint else 1
+            delay = min(BACKOFF_MAX_SECS, BACKOFF_BASE_SECS * 2 ** (failures - 1))
+            self._failed[name] = (listed.fingerprint, failures, time.monotonic() + delay, reason)
             if self._reported.get(name) != problem:  # once per problem, not once per pass
                 self._reported[name] = problem
-                log.warning("adapter %s: download from %s failed: %s; looking again", name,
-                            base.url, problem)
-            return replace(base, pending=True, problem=f"download failed: {problem}; "
-                           "looking again")
+                log.warning("adapter %s: download from %s failed: %s; retrying with backoff",
+                            name, base.url, problem)
+            return replace(base, pending=True, problem=reason)
         self._reported.pop(name, None)
+        self._failed.pop(name, None)
         folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
                                 name=name, complete=True)
         return replace(folder, fingerprint=listed.fingerprint,
@@ -472,7 +519,11 @@ class S3Scanner:
                         answer.get("ETag") and answer["ETag"] != expected.etag):
                     raise _Changed(f"{key} changed during the download")
                 os.utime(path, (expected.modified, expected.modified))
-            temporary.rename(target)
+            try:
+                temporary.rename(target)
+            except OSError:
+                if not target.is_dir():  # (else: the same version, downloaded by another)
+                    raise
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
 
@@ -482,7 +533,7 @@ class S3Scanner:
         reads these."""
         keep = {f.path.name for f in self._known.values()}
         keep |= {f"{name}-{fingerprint}" for name, (fingerprint, _) in self._inflight.items()}
-        busy = any(not future.done() for _, future in self._inflight.values())
+        busy = bool(self._running)  # (superseded downloads too: their .tmp-* is theirs)
         try:
             entries = list(os.scandir(self.downloads))
         except OSError:
@@ -520,18 +571,22 @@ def _server_time(page: dict[str, Any]) -> float | None:
 
 
 def first_scan(scanner: S3Scanner) -> list[AdapterFolder]:
-    """The start-up listing, carried through: adapters that wait only for a second listing get
-    it, and downloads are waited for, so the adapters present at start are served before the
-    service says it is ready."""
+    """The start-up listing, carried through: downloads are waited for, an upload caught in
+    progress gets its second listing (waiting at most FIRST_SETTLE_MAX_SECS) and a failed
+    download is tried again a few times, so the adapters present at start are served before
+    the service says it is ready."""
     folders = scanner.scan()
-    for _ in range(3):
+    for _ in range(4):
         if scanner.source_problem is not None:
             break
         downloading = scanner.wait_downloads()
-        if scanner.settling:
-            time.sleep(scanner.settle)
-        elif not downloading:
+        retry = scanner.next_retry()
+        wait = min(scanner.settle, FIRST_SETTLE_MAX_SECS) if scanner.settling else 0.0
+        if retry is not None:
+            wait = max(wait, min(retry, FIRST_SETTLE_MAX_SECS))
+        if not downloading and not scanner.settling and retry is None:
             break
+        time.sleep(wait)
         folders = scanner.scan()
     return folders
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -34,7 +35,7 @@ from .metrics import LoraRequestsInfo, Metrics
 from .profiles import Profile, load_profiles, model_parameters, select_profile
 from .reconcile import DRAIN_SECS, LATE_SWAP_WATCH_SECS, Reconciler
 from .registry import AdapterRecord, Registry, State, Traffic
-from .s3 import SETTLE_SECS, S3Error, S3Scanner, first_scan, source_scanner
+from .s3 import SETTLE_SECS, S3Error, S3Scanner, S3Url, first_scan, source_scanner
 from .settings import ConfigError, Settings
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
 from .supervisor import BackendProcess, become_subreaper, reap_orphans
@@ -126,36 +127,53 @@ def source_scanner_for(settings: Settings, downloads: Path,
         raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: {exc}") from None
 
 
-def scan_adapters(settings: Settings, downloads: Path) -> list[AdapterFolder]:
-    """The adapters in NIM_PEFT_SOURCE now (no rank limit applied). An s3:// source whose
-    credentials or bucket are wrong stops the start (`ConfigError`); so does any failed listing
-    in static mode, which would never list again. In dynamic mode an outage is logged and the
-    adapter loop keeps trying."""
+def scan_adapters(settings: Settings, downloads: Path, *, serving: bool = False
+                  ) -> list[AdapterFolder]:
+    """The adapters in NIM_PEFT_SOURCE now (no rank limit applied).
+
+    An s3:// source that cannot be listed is an error (`ConfigError`, one line), except for a
+    dynamic server (`serving` with NIM_PEFT_REFRESH_INTERVAL set) whose credentials and bucket
+    are right: its adapter loop keeps trying, so it starts without those adapters. A static
+    server, `check-adapters` and `--dry-run` would never look again (and must not report an
+    unreachable store as an empty one); neither may a static server start without an adapter
+    whose download failed.
+    """
     if settings.peft_source is None:
         return []
     scanner = source_scanner_for(settings, downloads)
     if not isinstance(scanner, S3Scanner):
         return scanner.scan()
-    found = first_scan(scanner)
+    try:
+        found = first_scan(scanner)
+    finally:
+        scanner.close()  # (downloads still running stop; the adapter loop has its own)
     problem = scanner.source_problem
-    if problem is not None and (scanner.fatal or not settings.dynamic):
+    keeps_trying = serving and settings.dynamic
+    if problem is not None and (scanner.fatal or not keeps_trying):
         raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: {problem}")
     if problem is not None:
-        log.error("NIM_PEFT_SOURCE=%s: %s; starting without its adapters and %s",
-                  settings.peft_source, problem, scanner.retry_hint)
+        log.error("NIM_PEFT_SOURCE=%s: %s; starting without its adapters and %s%s",
+                  settings.peft_source, problem, scanner.retry_hint,
+                  "" if settings.max_lora_rank else "; the rank limit is derived from no "
+                  "adapters: set NIM_MAX_LORA_RANK to serve larger ranks when the store is back")
+    failed = [f for f in found if f.pending and (f.problem or "").startswith("download failed")]
+    if failed and serving and not settings.dynamic:
+        raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: adapter {failed[0].name} "
+                          f"could not be downloaded ({failed[0].problem}); a static server "
+                          "would never try again: restart when the store answers")
     return found
 
 
 def judge_adapters(
     settings: Settings, backend: Backend, intent: Intent | None = None, *,
-    downloads: Path | None = None,
+    downloads: Path | None = None, serving: bool = False,
 ) -> tuple[tuple[AdapterFolder, ...], RankLimit]:
     """The adapters in NIM_PEFT_SOURCE now, and the rank limit they give (NIM_MAX_LORA_RANK,
     or derived from them and from the adapters kept from runtime API loads), each judged
     against it. `serve` and `check-adapters` both use this, so they agree on every adapter.
     Adapters from an s3:// source are downloaded under `downloads` (default: this instance's
-    folder under NIM_CACHE_PATH)."""
-    found = scan_adapters(settings, downloads or downloads_folder(settings))
+    folder under NIM_CACHE_PATH). `serving`: for `serve` itself (see `scan_adapters`)."""
+    found = scan_adapters(settings, downloads or downloads_folder(settings), serving=serving)
     kept = [] if intent is None else [
         inspect_folder(path, name=name) for name, path in intent.loaded.items()
         if outside_roots(str(path), settings.api_roots) is None]
@@ -181,7 +199,8 @@ def resolve(
     profile, notes = choose_profile(settings, dry_run=dry_run)
     backend = plan_backend(settings, profile)
     intent = kept_intent(settings)
-    adapters, limit = judge_adapters(settings, backend, intent, downloads=downloads)
+    adapters, limit = judge_adapters(settings, backend, intent, downloads=downloads,
+                                     serving=not dry_run)
     skipped: dict[str, str] = {}
     paths: dict[str, Path] = {}
     if snapshots is not None and not settings.dynamic:
@@ -416,6 +435,8 @@ class Service:
             sock.close()
             if self.snapshots is not None:  # nothing serves them any more
                 await asyncio.to_thread(self.snapshots.remove_all)
+            if isinstance(self.settings.peft_source, S3Url):  # (as the snapshots: per instance)
+                await asyncio.to_thread(shutil.rmtree, downloads_folder(self.settings), True)
 
     async def _start_up(self) -> None:
         """Wait for the backend, load the adapters, then run the adapter and health loops."""

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 
 KEY, SECRET = "lora-test-key", "lora-test-secret"
+#: an identity that may list the bucket but not read objects (a policy missing s3:GetObject)
+LIST_ONLY_KEY, LIST_ONLY_SECRET = "lora-list-only", "lora-list-only-secret"
 
 
 def _free_ports(count: int) -> list[int]:
@@ -46,9 +48,12 @@ class S3Store:
         self.folder = folder
         (folder / "data").mkdir(parents=True, exist_ok=True)
         (folder / "logs").mkdir(exist_ok=True)
-        (folder / "s3.json").write_text(json.dumps({"identities": [{
-            "name": "tests", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
-            "actions": ["Admin", "Read", "List", "Write"]}]}))
+        (folder / "s3.json").write_text(json.dumps({"identities": [
+            {"name": "tests", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+             "actions": ["Admin", "Read", "List", "Write"]},
+            {"name": "lister", "credentials": [{"accessKey": LIST_ONLY_KEY,
+                                                "secretKey": LIST_ONLY_SECRET}],
+             "actions": ["List"]}]}))
         # every server of `weed mini` and its gRPC twin on a port of its own: two stores (or
         # a store and anything else) never collide
         names = ("master", "volume", "filer", "s3", "admin")

@@ -354,3 +354,58 @@ def test_a_store_that_never_answers_holds_a_pass_seconds_not_minutes(tmp_path, m
         assert "AWS_ENDPOINT_URL" in scan.source_problem
     finally:
         silent.close()
+
+
+def test_a_download_that_keeps_failing_backs_off_with_one_reason(s3_store, bucket, library,
+                                                                 tmp_path, caplog):
+    """Credentials that may list but not read (a policy without s3:GetObject): the adapter is
+    pending with one reason that says so, logged once, and its download is retried with
+    backoff, not at every pass."""
+    from tests.s3store import LIST_ONLY_KEY, LIST_ONLY_SECRET
+
+    upload(s3_store.client(), bucket, "alpha", library / "alpha")
+    time.sleep(s3.SETTLE_SECS + 2.1)
+    scan = scanner(s3_store, bucket, tmp_path, key=LIST_ONLY_KEY, secret=LIST_ONLY_SECRET)
+    gets = []
+    scan.client.meta.events.register("before-call.s3.GetObject", lambda **_: gets.append(1))
+    alpha = look(scan)["alpha"]
+    assert alpha.pending and "download failed: access denied" in alpha.problem
+    assert "s3:GetObject" in alpha.problem
+    reasons = {by_name(scan.scan())["alpha"].problem for _ in range(20)}  # 20 quick passes
+    assert reasons == {alpha.problem} and len(gets) == 1  # backing off: not fetched again
+    time.sleep(s3.BACKOFF_BASE_SECS * 2 + 0.1)
+    look(scan)
+    assert len(gets) == 2  # tried again after the backoff
+    warned = [r for r in caplog.records if "download from" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_check_adapters_never_reports_an_unreachable_store_as_empty(tmp_path):
+    """Even with NIM_PEFT_REFRESH_INTERVAL set (as in a container's environment): a dead store
+    is one line and exit 2, not "0 adapters"; so is an AWS_ENDPOINT_URL that is no URL."""
+    for endpoint, says in (("http://127.0.0.1:9", "cannot be reached"),
+                           ("minio:9000", "check AWS_ENDPOINT_URL")):
+        done = run_cli("check-adapters", "--json", "s3://bucket/loras",
+                       NIM_PEFT_REFRESH_INTERVAL="5", NIM_CACHE_PATH=str(tmp_path),
+                       AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="k",
+                       AWS_SECRET_ACCESS_KEY="s", AWS_EC2_METADATA_DISABLED="true")
+        assert done.returncode == 2 and done.stdout == "", done.stdout
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: NIM_PEFT_SOURCE=s3://"), lines
+        assert says in lines[0]
+
+
+def test_a_static_server_does_not_start_without_an_adapter_it_cannot_download(
+        s3_store, bucket, library, tiny_model, tmp_path):
+    from tests.s3store import LIST_ONLY_KEY, LIST_ONLY_SECRET
+
+    upload(s3_store.client(), bucket, "alpha", library / "alpha")
+    started = time.monotonic()
+    done = run_cli("serve", **s3_store.env(
+        AWS_ACCESS_KEY_ID=LIST_ONLY_KEY, AWS_SECRET_ACCESS_KEY=LIST_ONLY_SECRET,
+        NIM_MODEL_NAME=str(tiny_model), NIM_CACHE_PATH=str(tmp_path),
+        NIM_PEFT_SOURCE=f"s3://{bucket}/loras"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "adapter alpha could not be downloaded" in lines[0], lines
+    assert "s3:GetObject" in lines[0] and time.monotonic() - started < 60

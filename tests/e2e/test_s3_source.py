@@ -134,6 +134,26 @@ def test_vllm_serves_an_adapter_from_the_store_as_from_a_folder(
     assert server.complete("alpha") == from_folder["alpha"]
     upload(client, "vllm-source", "alpha", library / "beta", only=WEIGHTS)
     served_as(server, "alpha", from_folder["beta"], timeout=60)
+    # The rest of an adapter's life on vLLM: added, half-uploaded (pending, 404), removed.
+    upload(client, "vllm-source", "gamma", library / "alpha")
+    served_as(server, "gamma", from_folder["alpha"], timeout=60)
+    upload(client, "vllm-source", "delta", library / "beta", only=CONFIG)
+    server.wait_adapters(lambda a: a.get("delta", {}).get("state") == "pending",
+                         what="delta pending", only=["delta"])
+    assert "404" in server.error_of("delta")
+    for key in (CONFIG, WEIGHTS, "README.md"):
+        client.delete_object(Bucket="vllm-source", Key=f"loras/gamma/{key}")
+    served_as(server, "gamma", None, timeout=60)
+    # A store outage of several intervals: vLLM keeps serving what it holds, ready throughout.
+    s3_store.stop()
+    try:
+        for _ in range(3):
+            time.sleep(1)
+            assert server.complete("alpha") == from_folder["beta"]
+            assert server.http.get("/v1/health/ready").status_code == 200
+        assert "cannot be reached" in server.logs()
+    finally:
+        s3_store.start()
 
 
 def test_replicas_on_one_bucket_converge_and_static_mode_lists_once(
@@ -151,17 +171,17 @@ def test_replicas_on_one_bucket_converge_and_static_mode_lists_once(
         servers.append(serve_factory(
             sglang_env(tmp, tiny_model, tmp, **extra, **s3_store.env(**source)), name=name))
     replicas, static = [s.wait_ready(timeout=60) for s in servers[:2]], servers[2].wait_ready(60)
-    upload(client, "replicas", "beta", library / "beta")
-    upload(client, "replicas", "alpha", library / "gamma", only=WEIGHTS)
 
     def versions(server) -> dict[str, str]:
         return {n: a["served_version"] for n, a in server.adapters().items() if a["ready"]}
 
-    for replica in replicas:
-        wait_until(lambda r=replica: set(versions(r)), lambda got: got == {"alpha", "beta"},
-                   timeout=30, what="both adapters served")
-    wait_until(lambda: [versions(r) for r in replicas], lambda got: got[0] == got[1],
-               timeout=30, what="the replicas serving the same versions")
+    start = versions(replicas[0])["alpha"]
+    upload(client, "replicas", "beta", library / "beta")
+    upload(client, "replicas", "alpha", library / "gamma", only=WEIGHTS)
+    for replica in replicas:  # both adapters, alpha in its new version, on each replica
+        wait_until(lambda r=replica: versions(r), lambda got: set(got) == {"alpha", "beta"}
+                   and got["alpha"] != start, timeout=30, what="beta and the new alpha served")
+    assert versions(replicas[0]) == versions(replicas[1])
     assert replicas[0].complete("alpha") == replicas[1].complete("alpha")
     assert replicas[0].complete("beta") == replicas[1].complete("beta")
     # Static: alpha as it was at start, and no beta.
