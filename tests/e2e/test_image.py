@@ -220,7 +220,17 @@ def test_stop_is_graceful_and_leaves_nothing(engine_env, tmp_path, tiny_model, l
         assert code.stdout.strip() == "0", box.logs()[-3000:]
         assert took < 30
         logs = box.logs()
-        assert "received SIGTERM: stopping" in logs and "Traceback" not in logs
+        assert "received SIGTERM: stopping" in logs
+        stop = logs.index("received SIGTERM: stopping")
+        assert "Traceback" not in logs[:stop], logs[:stop][-3000:]
+        # After the stop, none of ours. vLLM's own shutdown can race (seen once in CI):
+        # AsyncLLM.shutdown stops the engine core before it cancels its output handler, which
+        # may then log an EngineDeadError traceback; that one, and only that one, is vLLM's.
+        for line in logs[stop:].splitlines():
+            if "Traceback" in line:
+                assert line.startswith("(APIServer") and "[async_llm.py:" in line and \
+                    "EngineDeadError: EngineCore encountered an issue" in logs[stop:], \
+                    logs[stop:][-3000:]
         assert not list((tmp_path / "cache" / "snapshots").glob("*/*")), "snapshots left"
     finally:
         box.remove()
