@@ -67,6 +67,12 @@ class AdapterFolder:
     local_fingerprint: str = ""
 
     @property
+    def location(self) -> str | Path:
+        """Where its files come from, as its user knows it: the object URL of an s3://
+        adapter (not its download folder), else its folder."""
+        return self.url or self.path
+
+    @property
     def files_fingerprint(self) -> str:
         """What `list_folder(path)` gives while the files at `path` are unchanged."""
         return self.local_fingerprint or self.fingerprint

@@ -99,7 +99,7 @@ def serve(
             return
         described = startup.plan.describe()
         described["adapters"] = [
-            {"name": a.name, "path": a.url or str(a.path), "valid": a.valid, "rank": a.rank,
+            {"name": a.name, "path": str(a.location), "valid": a.valid, "rank": a.rank,
              "reason": a.problem}
             for a in startup.adapters
         ]
@@ -194,7 +194,7 @@ def check_adapters(
         typer.echo(json.dumps([
             {"name": a.name, "valid": a.valid, "pending": a.pending, "rank": a.rank,
              "target_modules": list(a.target_modules), "size": a.size,
-             "fingerprint": a.fingerprint, "path": a.url or str(a.path), "reason": a.problem}
+             "fingerprint": a.fingerprint, "path": str(a.location), "reason": a.problem}
             for a in adapters
         ], indent=1))
     else:

@@ -29,7 +29,7 @@ from .adapters import (
 from .backends import Backend, Outcome, Reply
 from .intent import Intent
 from .metrics import Metrics
-from .registry import AdapterState, Registry, State, Traffic
+from .registry import AdapterRecord, AdapterState, Registry, State, Traffic
 from .s3 import S3Scanner, S3Url
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
 
@@ -288,12 +288,17 @@ class Reconciler:
             return True  # not loaded; unloaded behind our back, lost in a restart, moved
         if record.state is State.REMOVING:
             return True  # its folder is back (or an API unload was undone) mid-removal
-        # (an API load from another folder can bring files with the same fingerprint)
-        if record.loaded_version != folder.fingerprint or record.source != folder.path:
+        if not self._serves(record, folder):
             return True
         # Served as the folder wants: still work while a failed call's retry is due, for the
         # backend may have come to hold this very version anyway; the retry settles the record.
         return state.attempts > 0
+
+    @staticmethod
+    def _serves(record: AdapterRecord, folder: AdapterFolder) -> bool:
+        """`record` serves `folder`'s current files (an API load from another folder can bring
+        files with the same fingerprint, so the folder counts too)."""
+        return record.loaded_version == folder.fingerprint and record.source == folder.path
 
     @staticmethod
     def _stray(name: str, state: AdapterState | None, actual: dict[str, str] | None) -> bool:
@@ -381,10 +386,8 @@ class Reconciler:
         listing read before a swap landed) or one that timed out landed later. Found by the
         chaos run on vLLM: such a failure left the record `ready` with "reload will be retried"
         for ever, since nothing else was left to do, so no retry ever came."""
-        if (state is None or not state.serving or actual is None
-                or actual.get(state.name) != str(state.record.loaded_path)
-                or state.record.loaded_version != folder.fingerprint
-                or state.record.source != folder.path):
+        if (state is None or not state.serving or actual is None or self._lost(state, actual)
+                or not self._serves(state.record, folder)):
             return False
         assert state.record.loaded_path is not None
         retried = state.attempts > 0
@@ -408,7 +411,7 @@ class Reconciler:
             self._count("failures", "invalid")
         level = logging.INFO if folder.pending else logging.WARNING
         verb = "waiting" if folder.pending else "skipped"
-        log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, _where(folder))
+        log.log(level, "adapter %s: %s: %s (%s)", folder.name, verb, reason, folder.location)
 
     async def _snapshot(self, state: AdapterState, folder: AdapterFolder) -> Path | str | None:
         """The path to load from (a fresh snapshot), why there is none now, or None when these
@@ -420,7 +423,7 @@ class Reconciler:
             path = await asyncio.to_thread(self.snapshots.take, folder, roots=roots)
         except SnapshotRefused as exc:
             self._count("failures", "invalid")
-            log.warning("adapter %s: not served: %s (%s)", folder.name, exc, _where(folder))
+            log.warning("adapter %s: not served: %s (%s)", folder.name, exc, folder.location)
             state.refused_by_backend(folder, str(exc))
             return None
         except SnapshotChanged as exc:
@@ -465,7 +468,7 @@ class Reconciler:
             took = time.monotonic() - started
             log.info("adapter %s: %s in %.0f ms (rank %s, %s)", name,
                      "reloaded" if inplace else "loaded", took * 1000, folder.rank,
-                     _where(folder))
+                     folder.location)
             self._count("loads", "reloaded" if inplace else "loaded", seconds=took)
             if old_path is not None and old_path != path:
                 await self._release(old_path)
@@ -475,7 +478,7 @@ class Reconciler:
         if reply.outcome is Outcome.REFUSED:
             self._count("failures", "refused")
             log.warning("adapter %s: refused by the backend: %s (%s)", name, reply.message,
-                        _where(folder))
+                        folder.location)
             state.refused_by_backend(folder, f"refused by the backend: {reply.message}")
             return
         self._count("failures", "transient")
@@ -626,9 +629,3 @@ class Reconciler:
             log.warning("adapter %s: backend not answering (%s); retry %d in %.1f s",
                         state.name, message, state.attempts, delay)
         asyncio.get_running_loop().call_later(delay, self._wake)
-
-
-def _where(folder: AdapterFolder) -> str | Path:
-    """Where an adapter's files come from, as its user knows it: the object URL of an s3://
-    adapter (not its download folder), else its folder."""
-    return folder.url or folder.path

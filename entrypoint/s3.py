@@ -94,10 +94,6 @@ class S3Url:
         return f"{SCHEME}{self.bucket}/{self.prefix}{name}/"
 
 
-def is_s3(value: object) -> bool:
-    return isinstance(value, S3Url) or (isinstance(value, str) and value.startswith(SCHEME))
-
-
 def make_client(endpoint: str | None = None) -> Any:
     """A boto3 S3 client from the standard AWS chain: AWS_* variables, profiles, web identity;
     AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for S3-compatible stores, unless `endpoint` is
@@ -228,7 +224,6 @@ class S3Scanner:
         self.fatal = False
         self.failures = 0
         self._next_try = 0.0
-        self.listings = 0  # listings done (each one or more list calls)
         self.list_calls = 0
         # Downloads run beside the passes (a large adapter never holds up the others): an
         # adapter is pending ("downloading") until its download is done, then the next pass
@@ -270,8 +265,7 @@ class S3Scanner:
         except Exception as exc:  # noqa: BLE001 - every failure is a reason, never a crash
             problem, self.fatal = explain(exc, self.source, self.endpoint)
             self.failures += 1
-            self._next_try = now + min(BACKOFF_MAX_SECS,
-                                       BACKOFF_BASE_SECS * 2 ** (self.failures - 1))
+            self._next_try = now + _backoff(self.failures)
             self.source_problem = problem
             log.debug("listing %s failed (%d in a row): %s", self.source, self.failures, problem)
             return list(self._known.values())
@@ -343,7 +337,6 @@ class S3Scanner:
                 adapters.setdefault(name, {})[rest] = _Object(
                     int(item.get("Size", 0)), str(item.get("ETag", "")),
                     item["LastModified"].timestamp() if item.get("LastModified") else 0.0)
-        self.listings += 1
         return adapters, server_now
 
     # ---- judging ----
@@ -475,8 +468,8 @@ class S3Scanner:
             reason = f"download failed: {problem}; retrying with backoff"
             old = self._failed.get(name)
             failures = old[1] + 1 if old is not None and old[0] == listed.fingerprint else 1
-            delay = min(BACKOFF_MAX_SECS, BACKOFF_BASE_SECS * 2 ** (failures - 1))
-            self._failed[name] = (listed.fingerprint, failures, time.monotonic() + delay, reason)
+            self._failed[name] = (listed.fingerprint, failures,
+                                  time.monotonic() + _backoff(failures), reason)
             if self._reported.get(name) != problem:  # once per problem, not once per pass
                 self._reported[name] = problem
                 log.warning("adapter %s: download from %s failed: %s; retrying with backoff",
@@ -546,6 +539,11 @@ class S3Scanner:
 def _adapter_file(key: str) -> bool:
     """`key` (below PREFIX/NAME/) is an adapter's config or weights, at any depth."""
     return key.rsplit("/", 1)[-1] in (CONFIG_FILE, *WEIGHT_FILES)
+
+
+def _backoff(failures: int) -> float:
+    """Seconds to wait after `failures` failed calls in a row (listings, a download)."""
+    return min(BACKOFF_MAX_SECS, BACKOFF_BASE_SECS * 2 ** (failures - 1))
 
 
 def _weights(objects: dict[str, _Object]) -> tuple[tuple[str, int, str], ...]:

@@ -108,11 +108,15 @@ def kept_intent(settings: Settings) -> Intent | None:
     return Intent.read(intent_file(settings)) if settings.api_enabled else None
 
 
+def instance_name(settings: Settings) -> str:
+    """This server among those sharing NIM_CACHE_PATH: its host and public port. Its snapshots
+    and downloads live under this name, so two servers never delete each other's."""
+    return f"{socket.gethostname()}-{settings.server_port}"
+
+
 def downloads_folder(settings: Settings) -> Path:
-    """Where adapters from an s3:// source are downloaded: one folder per host and public port
-    (like the snapshots), so two servers never delete each other's."""
-    instance = f"{socket.gethostname()}-{settings.server_port}"
-    return settings.cache_path.expanduser().resolve() / "s3" / instance
+    """Where adapters from an s3:// source are downloaded (one folder per instance)."""
+    return settings.cache_path.expanduser().resolve() / "s3" / instance_name(settings)
 
 
 def source_scanner_for(settings: Settings, downloads: Path,
@@ -230,8 +234,8 @@ def resolve(
 
 def snapshot_store(settings: Settings) -> SnapshotStore:
     """This instance's snapshot folder: one per host and public port, emptied at start."""
-    instance = f"{socket.gethostname()}-{settings.server_port}"
-    store = SnapshotStore(settings.cache_path.expanduser().resolve() / "snapshots" / instance,
+    store = SnapshotStore(settings.cache_path.expanduser().resolve() / "snapshots"
+                          / instance_name(settings),
                           grace=settings.snapshot_grace_secs)
     store.collect(keep=set())
     return store
@@ -540,7 +544,7 @@ class Service:
                                        version=folder.fingerprint, rank=folder.rank,
                                        size=folder.size, reason=reason, url=folder.url)
                 log.warning("adapter %s: skipped: %s (%s)", folder.name, record.reason,
-                            folder.url or folder.path)
+                            folder.location)
             self.registry.put(record)
         if self.settings.peft_source is not None:
             log.info("static mode: NIM_PEFT_REFRESH_INTERVAL is unset, so changes to %s are "
