@@ -448,7 +448,7 @@ class Reconciler:
         old_path = state.record.loaded_path
         serving = old_path is not None
         # The backend holds this name unless its list (when it could be read) says otherwise.
-        inplace = serving and (actual is None or name in actual)
+        swap = serving and (actual is None or name in actual)
         state.loading(folder)
         path = await self._snapshot(state, folder)
         if path is None:  # refused: failed (or the served version serves on) until files change
@@ -457,19 +457,19 @@ class Reconciler:
             state.waiting(path)
             return
         started = time.monotonic()
-        if inplace:
-            reply = await self._swap(name, path)
+        if swap:
+            reply = await self._swap(name, path, previous=old_path)
         else:
-            reply = await self._send_load(name, path, replace=False)
+            reply = await self._send_load(name, path)
             if reply.outcome is Outcome.ALREADY_LOADED:  # it was there after all
-                reply = await self._swap(name, path)
+                reply = await self._swap(name, path, previous=old_path)
         if reply.outcome is Outcome.DONE:
             state.loaded(path, folder.fingerprint)
             took = time.monotonic() - started
             log.info("adapter %s: %s in %.0f ms (rank %s, %s)", name,
-                     "reloaded" if inplace else "loaded", took * 1000, folder.rank,
+                     "reloaded" if swap else "loaded", took * 1000, folder.rank,
                      folder.location)
-            self._count("loads", "reloaded" if inplace else "loaded", seconds=took)
+            self._count("loads", "reloaded" if swap else "loaded", seconds=took)
             if old_path is not None and old_path != path:
                 await self._release(old_path)
             return
@@ -491,9 +491,9 @@ class Reconciler:
         state = self.registry.state(name)
         assert state is not None and state.record.loaded_path is not None
         path = state.record.loaded_path
-        reply = await self._send_load(name, path, replace=False)
+        reply = await self._send_load(name, path)
         if reply.outcome is Outcome.ALREADY_LOADED:  # with other weights: put ours back
-            reply = await self._swap(name, path)
+            reply = await self._swap(name, path, previous=None)
         if reply.outcome in (Outcome.DONE, Outcome.ALREADY_LOADED):
             log.info("adapter %s: the backend had lost it; loaded the served version again",
                      name)
@@ -503,37 +503,57 @@ class Reconciler:
             state.unloaded(f"refused by the backend: {reply.message}")
             await self._release(path)
 
-    async def _send_load(self, name: str, path: Path, *, replace: bool) -> Reply:
+    async def _send_load(self, name: str, path: Path) -> Reply:
         """One load call. When its outcome is unknown (a timeout, a dropped connection) the
         backend may still act on it later, so `path` is kept ten grace periods at least."""
-        reply = await self.backend.load(self.client, name, path, replace=replace)
+        reply = await self.backend.load(self.client, name, path)
         if reply.unanswered and self.snapshots is not None:
             self.snapshots.hold(path, self.snapshots.grace * 10)
         return reply
 
-    async def _swap(self, name: str, path: Path) -> Reply:
-        """Replace the weights the backend serves under `name`: the one way to do it.
+    async def _swap(self, name: str, path: Path, *, previous: Path | None) -> Reply:
+        """Replace the weights the backend serves under `name` by those at `path`: the one way
+        to do it.
 
-        A swap changes the weights under running requests, so it owns the adapter's gate: new
-        requests wait, running ones finish (up to DRAIN_SECS), then the weights change.
+        An unload and a fresh load, never vLLM's `load_inplace`: vLLM keeps that flag on the
+        request it stores, and re-reads an adapter loaded that way from disk at every step
+        (docs/vllm.md). The swap owns the adapter's gate: new requests wait (they never see a
+        404), running ones finish (up to DRAIN_SECS), then the weights change. When the new
+        files are not taken, `previous` (the version served until now) is loaded back before
+        the gate opens.
         """
         async with self._gate(name, "swapping weights under them"):
-            reply = await self._send_load(name, path, replace=True)
+            gone = await self.backend.unload(self.client, name)
+            if gone.unanswered and await self._watch(lambda actual: name not in actual):
+                gone = Reply(Outcome.DONE)  # (an unload that timed out, then landed)
+            if gone.outcome not in (Outcome.DONE, Outcome.GONE):
+                return gone  # still served as it was; the swap is retried
+            reply = await self._send_load(name, path)
             if reply.unanswered and await self._landed_late(name, path):
                 return Reply(Outcome.DONE)
+            if reply.outcome is not Outcome.DONE and previous is not None:
+                await self._load_back(name, previous)
             return reply
 
+    async def _load_back(self, name: str, previous: Path) -> None:
+        """The new version was not taken: the version served before serves on (a failure here
+        leaves it lost, which the next pass sees and restores)."""
+        back = await self._send_load(name, previous)
+        if back.outcome is not Outcome.DONE:
+            log.warning("adapter %s: the previous version could not be loaded back (%s); "
+                        "retrying", name, back.message)
+
     async def _landed_late(self, name: str, path: Path) -> bool:
-        """A swap whose answer never came (a timeout) may still happen in the backend; were the
-        gate opened now, it could land under running requests and mix two versions in their
-        answers (seen in the chaos run on vLLM). So the gate stays shut while the backend's list
-        is watched for `path`, up to LATE_SWAP_WATCH_SECS. True when it landed."""
+        """A load whose answer never came (a timeout) may still happen in the backend; were the
+        gate opened now, requests could reach the name while it changes (seen in the chaos run
+        on vLLM). So the gate stays shut while the backend's list is watched for `path`, up to
+        LATE_SWAP_WATCH_SECS. True when it landed."""
         if await self._watch(lambda actual: actual.get(name) == str(path)):
-            log.info("adapter %s: the swap that timed out reached the backend after all",
+            log.info("adapter %s: the load that timed out reached the backend after all",
                      name)
             return True
-        log.warning("adapter %s: the backend did not confirm the swap within %.0f s of its "
-                    "timeout; requests resume on the previous version and the swap is retried",
+        log.warning("adapter %s: the backend did not confirm the load within %.0f s of its "
+                    "timeout; the previous version serves on and the swap is retried",
                     name, LATE_SWAP_WATCH_SECS)
         return False
 

@@ -66,9 +66,11 @@ def test_load_unload_and_list(sglang, library):
     assert call(sglang, "loaded") == {}
 
 
-def test_replace_is_unload_then_load(sglang, library):
+def test_a_swap_is_unload_then_load(sglang, library):
     assert call(sglang, "load", "beta", library / "beta").outcome is Outcome.DONE
-    assert call(sglang, "load", "beta", library / "gamma", replace=True).outcome is Outcome.DONE
+    assert call(sglang, "load", "beta", library / "gamma").outcome is Outcome.ALREADY_LOADED
+    assert call(sglang, "unload", "beta").outcome is Outcome.DONE
+    assert call(sglang, "load", "beta", library / "gamma").outcome is Outcome.DONE
     assert call(sglang, "loaded")["beta"] == str(library / "gamma")
     call(sglang, "unload", "beta")
 

@@ -51,7 +51,7 @@ class ChaosBackend(VLLMBackend):
         self.violations: list[str] = []
         self.faults = Counter()
 
-    def _fault(self, late: tuple[str, str, bool] | None = None) -> Reply | None:
+    def _fault(self, late: tuple[str, str] | None = None) -> Reply | None:
         if self.rng.random() < self.fail_rate:
             kind = self.rng.choice(["HTTP 500", "ReadTimeout", "ConnectError", "late load"])
             self.faults[kind] += 1
@@ -61,23 +61,21 @@ class ChaosBackend(VLLMBackend):
             return Reply(Outcome.TRANSIENT, kind, unanswered=kind in ("ReadTimeout", "late load"))
         return None
 
-    def _arrive(self, name: str, path: str, replace: bool) -> None:
-        if name in self.served and not replace:
+    def _arrive(self, name: str, path: str) -> None:
+        if name in self.served:
             return  # vLLM answers a plain load of a served name "already loaded"
         if not (Path(path) / WEIGHTS).is_file():
             self.violations.append(f"a late load of {name} found its path deleted: {path}")
         self.served[name] = path
 
-    async def load(self, client, name, path, *, replace=False) -> Reply:
+    async def load(self, client, name, path) -> Reply:
         await asyncio.sleep(0)
         if not (Path(path) / WEIGHTS).is_file():
             self.violations.append(f"load of {name} from a path that does not exist: {path}")
-        if fault := self._fault(late=(name, str(path), replace)):
+        if fault := self._fault(late=(name, str(path))):
             return fault
-        if name in self.served and not replace:
+        if name in self.served:
             return Reply(Outcome.ALREADY_LOADED, "already loaded")
-        if replace and name in self.served and self.traffic.running(name):
-            self.violations.append(f"weights of {name} swapped under a running request")
         self.served[name] = str(path)
         return Reply(Outcome.DONE)
 

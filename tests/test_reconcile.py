@@ -30,13 +30,13 @@ class ScriptedBackend(VLLMBackend):
         self.down = False
         self.late_unload: float | None = None  # unloads time out here and land this much later
 
-    async def load(self, client, name, path, *, replace=False) -> Reply:
+    async def load(self, client, name, path) -> Reply:
         self.calls.append(("load", name))
         if self.down:
             return Reply(Outcome.TRANSIENT, "ConnectError")
         if name in self.refuse:
             return Reply(Outcome.REFUSED, "bad tensors")
-        if name in self.served and not replace:
+        if name in self.served:
             return Reply(Outcome.ALREADY_LOADED, "already loaded")
         self.served[name] = str(path)
         return Reply(Outcome.DONE)
@@ -190,9 +190,9 @@ def test_change_during_a_load_is_looked_at_when_the_load_ends(setup, library):
     gate = asyncio.Event()
     plain_load = backend.load
 
-    async def slow_load(client, name, path, *, replace=False):
+    async def slow_load(client, name, path):
         await gate.wait()
-        return await plain_load(client, name, path, replace=replace)
+        return await plain_load(client, name, path)
 
     backend.load = slow_load
 
@@ -221,15 +221,20 @@ def with_snapshots(tmp_path, reconciler, *, grace: float = 0.3):
 
 
 def test_a_swap_waits_for_running_requests_even_when_the_list_fails(setup, library, tmp_path):
-    """The backend's list cannot be read and the load answers "already loaded": the in-place
-    replace that follows must still wait for the adapter's running requests."""
+    """The backend's list cannot be read and the load answers "already loaded": the unload
+    and fresh load that follow must still wait for the adapter's running requests."""
     source, backend, registry, reconciler = setup
     events: list[str] = []
-    plain_load = backend.load
+    plain_load, plain_unload = backend.load, backend.unload
 
-    async def load(client, name, path, *, replace=False):
-        events.append(f"load replace={replace}")
-        return await plain_load(client, name, path, replace=replace)
+    async def load(client, name, path):
+        reply = await plain_load(client, name, path)
+        events.append(f"load {reply.outcome.value}")
+        return reply
+
+    async def unload(client, name):
+        events.append("unload")
+        return await plain_unload(client, name)
 
     async def list_fails(client):
         raise httpx.ConnectError("listing failed")
@@ -237,36 +242,37 @@ def test_a_swap_waits_for_running_requests_even_when_the_list_fails(setup, libra
     async def scenario():
         copy_adapter(library / "alpha", source / "alpha")
         await settle(reconciler)
-        backend.load, backend.loaded = load, list_fails
+        backend.load, backend.unload, backend.loaded = load, unload, list_fails
         await reconciler.traffic.enter("alpha")  # a request is running on alpha
         (source / "alpha" / "adapter_model.safetensors").write_bytes(
             (library / "beta" / "adapter_model.safetensors").read_bytes())
         await reconciler.sync()
         await asyncio.sleep(0.3)
-        assert "load replace=True" not in events  # held at the gate
+        assert "unload" not in events and "load done" not in events  # held at the gate
         events.append("request ended")
         reconciler.traffic.leave("alpha")
         await reconciler.wait_idle()
-        assert events[-1] == "load replace=True"
-        assert events.index("request ended") < events.index("load replace=True")
+        assert events[-2:] == ["unload", "load done"]
+        assert events.index("request ended") < events.index("unload")
         assert registry.get("alpha").state is State.READY
+        assert backend.served["alpha"] == str(registry.get("alpha").loaded_path)
 
     asyncio.run(scenario())
 
 
 def test_a_swap_that_times_out_keeps_the_gate_shut_until_it_lands(setup, library, tmp_path,
                                                                    monkeypatch):
-    """The backend acts on a swap after our call timed out (seen on vLLM): requests that came
-    meanwhile must not run while the weights change under them."""
+    """The backend acts on a swap's load after our call timed out (seen on vLLM): requests
+    that came meanwhile must not run while the name changes under them."""
     source, backend, registry, reconciler = setup
     with_snapshots(tmp_path, reconciler)
     monkeypatch.setattr(reconciler_module, "LATE_SWAP_POLL_SECS", 0.02)
     events: list[str] = []
     plain_load = backend.load
 
-    async def late_load(client, name, path, *, replace=False):
-        if not replace:
-            return await plain_load(client, name, path, replace=replace)
+    async def late_load(client, name, path):
+        if name not in registry.ready_names():
+            return await plain_load(client, name, path)
 
         def land() -> None:
             events.append("swapped")
@@ -295,6 +301,39 @@ def test_a_swap_that_times_out_keeps_the_gate_shut_until_it_lands(setup, library
         record = registry.get("alpha")
         assert record.state is State.READY and record.loaded_version == record.version
         assert backend.served["alpha"] == str(record.loaded_path)
+
+    asyncio.run(scenario())
+
+
+def test_new_weights_the_backend_refuses_leave_the_previous_version_served(setup, library,
+                                                                          tmp_path):
+    """A swap unloads, then loads the new version fresh; when the backend refuses it, the
+    version served before is loaded back before any request passes the gate."""
+    source, backend, registry, reconciler = setup
+    with_snapshots(tmp_path, reconciler)
+    plain_load = backend.load
+    loads: list[str] = []
+
+    async def refuse_new(client, name, path):
+        loads.append(str(path))
+        if len(loads) == 1:  # the new version
+            return Reply(Outcome.REFUSED, "size mismatch for lora_B")
+        return await plain_load(client, name, path)
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        first = registry.get("alpha").loaded_path
+        backend.load = refuse_new
+        (source / "alpha" / "adapter_model.safetensors").write_bytes(
+            (library / "beta" / "adapter_model.safetensors").read_bytes())
+        await settle(reconciler)
+        record = registry.get("alpha")
+        assert backend.served["alpha"] == str(first) == loads[-1] != loads[0]
+        assert record.servable and record.loaded_path == first
+        assert "size mismatch" in record.reason and "previous version" in record.reason
+        await settle(reconciler)
+        assert len(loads) == 2  # refused: not tried again until the files change
 
     asyncio.run(scenario())
 

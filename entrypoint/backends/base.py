@@ -85,10 +85,9 @@ class Backend(ABC):
         """Environment variables the engine needs on top of the entrypoint's own."""
 
     @abstractmethod
-    async def load(
-        self, client: httpx.AsyncClient, name: str, path: Path, *, replace: bool = False
-    ) -> Reply:
-        """Load `path` under `name`; with `replace`, swap the weights of a loaded name."""
+    async def load(self, client: httpx.AsyncClient, name: str, path: Path) -> Reply:
+        """Load `path` under `name` (a name already loaded answers ALREADY_LOADED: a swap is
+        an unload, then a load)."""
 
     @abstractmethod
     async def unload(self, client: httpx.AsyncClient, name: str) -> Reply:

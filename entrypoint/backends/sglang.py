@@ -111,13 +111,7 @@ class SGLangBackend(Backend):
             return Reply(outcome, message)
         return Reply(Outcome.TRANSIENT, f"HTTP {response.status_code}: {message}")
 
-    async def load(
-        self, client: httpx.AsyncClient, name: str, path: Path, *, replace: bool = False
-    ) -> Reply:
-        if replace:  # no in-place reload in SGLang: unload, then load the new snapshot
-            gone = await self.unload(client, name)
-            if gone.outcome is Outcome.TRANSIENT:
-                return gone
+    async def load(self, client: httpx.AsyncClient, name: str, path: Path) -> Reply:
         body = {"lora_name": name, "lora_path": str(path), "pinned": False}
         return await self._call(client, "/load_lora_adapter", body, on_400=Outcome.REFUSED,
                                 known=(("already loaded", Outcome.ALREADY_LOADED),))

@@ -103,10 +103,10 @@ class VLLMBackend(Backend):
                                            else names)
         return env
 
-    async def load(
-        self, client: httpx.AsyncClient, name: str, path: Path, *, replace: bool = False
-    ) -> Reply:
-        body = {"lora_name": name, "lora_path": str(path), "load_inplace": replace}
+    async def load(self, client: httpx.AsyncClient, name: str, path: Path) -> Reply:
+        # Never `load_inplace`: vLLM 0.32 keeps the flag on the request it stores and then
+        # re-reads the adapter from disk at every step (docs/vllm.md); a swap is unload + load.
+        body = {"lora_name": name, "lora_path": str(path)}
         try:
             response = await client.post("/v1/load_lora_adapter", json=body)
         except httpx.HTTPError as exc:

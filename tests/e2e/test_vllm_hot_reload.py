@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.conftest import copy_adapter
+from tests.opens import OpenCounter
 from tests.e2e.server import holds, make_source, slow_copy, tiny_env
 
 pytestmark = pytest.mark.e2e
@@ -127,6 +128,35 @@ def test_changed_weights_replace_the_old_without_a_gap(server, library, own):
     # Exactly the new weights' answers, also for the prompt whose prefix was cached before.
     assert server.complete(name, LONG_PROMPT) == new_long
     assert server.complete(name) == server.complete("gamma")
+
+
+def test_an_updated_adapter_is_not_read_again_while_it_generates(server, library, own):
+    """After an update, the backend serves the new weights from memory, as it does a freshly
+    loaded adapter: none of its files is opened again while it generates (vLLM's
+    `load_inplace` kept the flag and re-read both files at every decode step)."""
+    updated, fresh = own.add("alpha", "updated"), own.add("gamma", "fresh")
+    server.wait_served(updated)
+    server.wait_served(fresh)
+    before = server.adapters()[updated]["version"]
+    shutil.copy(library / "gamma" / "adapter_model.safetensors",
+                own.path("updated") / "adapter_model.safetensors")
+    server.wait_adapters(lambda adapters: adapters[updated]["version"] != before
+                         and adapters[updated]["served_version"] == adapters[updated]["version"],
+                         timeout=15, only=[updated], what=f"{updated} updated")
+    assert server.complete(updated) == server.complete(fresh)  # the same weights now
+
+    def opens_while_generating(name: str) -> int:
+        folders = [p for p in server.cache.glob("snapshots/*/*") if p.is_dir()]
+        with OpenCounter(folders) as counter:
+            for _ in range(3):
+                for chunk in server.openai.completions.create(
+                        model=name, prompt=LONG_PROMPT, max_tokens=16, temperature=0,
+                        stream=True):
+                    assert chunk.choices
+            return sum(counter.count().values())
+
+    assert opens_while_generating(fresh) == 0
+    assert opens_while_generating(updated) == 0
 
 
 def test_folder_deleted_right_after_it_appears(server, own):
