@@ -14,8 +14,8 @@ import time
 import pytest
 
 from tests.conftest import copy_adapter
-from tests.opens import OpenCounter
 from tests.e2e.server import holds, make_source, slow_copy, tiny_env
+from tests.opens import OpenCounter
 
 pytestmark = pytest.mark.e2e
 LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
