@@ -61,8 +61,10 @@ class AdapterAPI:
         reconciler: Reconciler | None,
         timeout: float,
         off: str | None = None,
+        max_adapters: int = 256,
     ) -> None:
         self.registry = registry
+        self.max_adapters = max_adapters  # adapters loaded through the API at once
         self.served_name = served_name
         self.source = source
         self.reconciler = reconciler
@@ -122,6 +124,9 @@ class AdapterAPI:
             return Answer.error(403, f"lora_path {problem}: {allowed} (NIM_PEFT_SOURCE and "
                                 "NIM_PEFT_API_ALLOWED_PATHS); copy the adapter there or add its "
                                 "folder to NIM_PEFT_API_ALLOWED_PATHS.")
+        if not await asyncio.to_thread(os.path.isdir, path):
+            return Answer.error(404, f"No adapter folder at {display_name(str(path))}: it does "
+                                "not exist (or is not a folder).")
         record = self.registry.get(name)
         own_folder = self.source is not None and (self.source / name).is_dir()
         if name not in intent.loaded and (own_folder or (
@@ -130,9 +135,13 @@ class AdapterAPI:
         if record is not None and record.servable and not replace:
             return Answer.error(400, f"The lora adapter '{name}' has already been loaded. If you "
                                 "want to load the adapter in place, set 'load_inplace' to True.")
+        if name not in intent.loaded and len(intent.loaded) >= self.max_adapters:
+            return Answer.error(400, f"This server already serves {len(intent.loaded)} adapters "
+                                "loaded through the API, its limit (NIM_PEFT_API_MAX_ADAPTERS); "
+                                "unload one first, or raise the limit.")
         folder = await asyncio.to_thread(
             inspect_folder, path, limit=self.reconciler.scanner.limit,
-            served_name=self.served_name, name=name)
+            served_name=self.served_name, name=name, complete=True)
         if not folder.valid:
             problem = folder.problem
             limit = self.reconciler.scanner.limit

@@ -371,21 +371,26 @@ def inspect_folder(
     """Validate one adapter folder and describe it. Never raises, never blocks on content.
 
     The adapter's name is the folder's unless `name` is given (a runtime API load names it).
-    `complete`: the files are known to be whole (a download of whole objects), so a short or
-    just-written file is invalid, not still being copied."""
+    `complete`: the files are final (a download of whole objects, a folder a runtime API call
+    names), so what looks half-copied is invalid, and the reason says what is wrong rather
+    than that the folder is looked at again."""
     listing = _listing or list_folder(str(path))
     base: dict[str, Any] = {"name": display_name(name or path.name), "path": path,
             "fingerprint": listing.fingerprint, "size": listing.size}
     try:
-        folder = _inspect(path, listing, base, limit=limit, served_name=served_name,
-                          name=name or path.name, complete=complete)
+        return _inspect(path, listing, base, limit=limit, served_name=served_name,
+                        name=name or path.name, complete=complete)
     except Exception as exc:  # whatever the folder holds, the scan goes on
         return AdapterFolder(**base, problem=f"folder cannot be read ({type(exc).__name__}: "
                                              f"{_shown(str(exc))})")
-    if complete and folder.pending and folder.problem and "still being written" in folder.problem:
-        return replace(folder, pending=False, problem=folder.problem.replace(
-            "incomplete: ", "").replace("still being written", "is truncated or malformed"))
-    return folder
+
+
+def _unfinished(base: dict[str, Any], complete: bool, copying: str, final: str,
+                **described: Any) -> AdapterFolder:
+    """A folder that looks half-copied: pending (`copying` says why) while it may still be
+    written, invalid (`final`) when its files are known to be final."""
+    return AdapterFolder(**{**base, **described}, pending=not complete,
+                         problem=final if complete else copying)
 
 
 def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: RankLimit | None,
@@ -393,8 +398,8 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
     folder = str(path)
     files = listing.files
     if listing.error is not None:
-        return AdapterFolder(**base, pending=True,
-                             problem=f"folder cannot be listed ({listing.error}); looking again")
+        return _unfinished(base, complete, f"folder cannot be listed ({listing.error}); "
+                           "looking again", f"folder cannot be listed ({listing.error})")
     what = "folder name" if name == path.name else f"adapter name '{display_name(name)}'"
     if (problem := name_problem(name)) is not None:
         return AdapterFolder(**base, problem=f"{what} {problem}")
@@ -416,13 +421,13 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
     weights = path / weights_name if weights_name else None
     if CONFIG_FILE not in files:
         if weights is not None or files:
-            return AdapterFolder(**base, weights=weights, pending=True,
-                                 problem="incomplete: adapter_config.json not there yet")
+            return _unfinished(base, complete, "incomplete: adapter_config.json not there yet",
+                               "no adapter_config.json in the folder", weights=weights)
         if listing.others:
             return AdapterFolder(**base, problem="no adapter files directly in this folder; "
                                  "an adapter's adapter_config.json and weights go directly in "
                                  "NIM_PEFT_SOURCE/<name>/")
-        return AdapterFolder(**base, pending=True, problem="empty folder")
+        return _unfinished(base, complete, "empty folder", "the folder is empty")
     if files[CONFIG_FILE] > MAX_CONFIG_BYTES:
         return AdapterFolder(**base, problem=f"adapter_config.json is {files[CONFIG_FILE]} bytes;"
                              f" a config over {MAX_CONFIG_BYTES >> 20} MiB is not read")
@@ -430,7 +435,8 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
         raw = _read_regular(os.path.join(folder, CONFIG_FILE), files[CONFIG_FILE] + 1)
         config = json.loads(raw) if raw.strip() else None
     except FileNotFoundError:
-        return AdapterFolder(**base, pending=True, problem="files changing; looking again")
+        return _unfinished(base, complete, "files changing; looking again",
+                           "adapter_config.json went while it was read")
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         config = None
     if config is None:
@@ -452,9 +458,8 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
     }
     problem = config_problem(config, limit=limit)
     if problem is None and weights is None:
-        return AdapterFolder(
-            **described, pending=True, problem="incomplete: no adapter_model.safetensors yet"
-        )
+        return _unfinished(described, complete, "incomplete: no adapter_model.safetensors yet",
+                           "no adapter_model.safetensors (or .bin) in the folder")
     if problem is None and weights is not None:
         if weights_name == WEIGHT_FILES[0]:
             uniform = described["rank"] if not config.get("rank_pattern") else None
@@ -463,7 +468,8 @@ def _inspect(path: Path, listing: _Listing, base: dict[str, Any], *, limit: Rank
         else:
             problem = zip_problem(weights)
         if problem and problem.startswith("incomplete"):
-            return AdapterFolder(**described, pending=True, problem=problem)
+            return _unfinished(described, complete, problem, problem.replace(
+                "incomplete: ", "").replace("still being written", "is truncated or malformed"))
     return AdapterFolder(**described, problem=problem)
 
 
@@ -531,12 +537,11 @@ class AdapterScanner:
                 continue
             if entry.is_symlink():
                 real_source = real_source or os.path.realpath(self.source)
-                outside = _outside(entry.path, real_source)
-                if outside is not None:
+                if _outside(entry.path, real_source):
                     known[entry.name] = AdapterFolder(
                         name=display_name(entry.name), path=Path(entry.path),
                         fingerprint=listing.fingerprint, size=listing.size,
-                        problem=f"is a link to {outside}, outside NIM_PEFT_SOURCE; copy the "
+                        problem="is a link that leads outside NIM_PEFT_SOURCE; copy the "
                         "adapter into the folder instead")
                     continue
             folder = inspect_folder(Path(entry.path), limit=self.limit,
@@ -557,26 +562,41 @@ def within(path: str, roots: Sequence[Path]) -> bool:
                for root in roots)
 
 
+def resolved(path: str) -> str | None:
+    """`path` with its links and `..` resolved, or None when a link on the way cannot be read
+    (`/proc/1/cwd` as another user: `os.path.realpath` raises PermissionError there)."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return None
+
+
 def outside_roots(path: str, roots: Sequence[Path],
                   where: str = "the folders adapters may be loaded from") -> str | None:
     """Why the folder `path` may not be loaded from, given the allowed `roots` (resolved), or
     None: it must resolve (links and `..` resolved) under a root, and so must every file in it
-    that is a link. (The snapshot checks each file again as it opens it.)"""
-    real = os.path.realpath(path)
+    that is a link. (The snapshot checks each file again as it opens it.)
+
+    The reason never says where a link leads: a runtime API caller learns nothing of the
+    filesystem outside the allowed folders from it."""
+    real = resolved(path)
+    shown = display_name(path)
+    if real is None:
+        return f"{shown} cannot be resolved (a link on the way cannot be read), so it is not in " \
+               f"{where}"
     if not within(real, roots):
-        shown = display_name(path) + ("" if real == path else f" resolves to {display_name(real)},"
-                                      " which is")
-        return f"{shown} outside {where}"
+        return f"{shown} is outside {where}" if real == path else \
+            f"{shown} leads outside {where}"
     try:
         with os.scandir(real) as it:
             links = [entry for entry in it if entry.is_symlink()]
     except OSError:
         return None  # missing or unreadable: judged (and named) by inspect_folder
     for entry in links:
-        target = os.path.realpath(entry.path)
-        if not within(target, roots):
-            return (f"{display_name(entry.name)} in {display_name(path)} is a link to "
-                    f"{display_name(target)}, outside {where}")
+        target = resolved(entry.path)
+        if target is None or not within(target, roots):
+            return (f"{display_name(entry.name)} in {shown} is a link that leads outside "
+                    f"{where}")
     return None
 
 
@@ -588,7 +608,7 @@ def is_folder(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _outside(path: str, real_source: str) -> str | None:
-    """Where the link `path` leads when that is outside `real_source`, else None."""
-    target = os.path.realpath(path)
-    return None if target.startswith(real_source.rstrip("/") + "/") else display_name(target)
+def _outside(path: str, real_source: str) -> bool:
+    """The link `path` leads outside `real_source` (or cannot be followed)."""
+    target = resolved(path)
+    return target is None or not target.startswith(real_source.rstrip("/") + "/")

@@ -92,17 +92,23 @@ def build_tokenizer(out: Path, *, corpus: str = CORPUS, vocab_size: int = 512) -
     fast.save_pretrained(out)
 
 
-def tiny_llama_config(vocab: int, **extra: Any) -> Any:
-    """The shape of every tiny Llama here: 2 layers, 256 wide (a LlamaConfig)."""
+#: the width of the realistic model of the benchmarks: 1024 wide, an MLP of 2816, 8 heads of
+#: 128 with 2 KV heads; a rank-128 adapter on all seven projections is then 17.8 MiB (fp32)
+WIDE = {"hidden": 1024, "intermediate": 2816, "heads": 8, "kv_heads": 2}
+
+
+def tiny_llama_config(vocab: int, *, hidden: int = 256, intermediate: int = 512,
+                      heads: int = 4, kv_heads: int = 2, **extra: Any) -> Any:
+    """The shape of every tiny Llama here: 2 layers, 256 wide unless told (a LlamaConfig)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=512,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=0,
         eos_token_id=1,
@@ -112,8 +118,9 @@ def tiny_llama_config(vocab: int, **extra: Any) -> Any:
     )
 
 
-def build_base_model(out: Path, *, seed: int = 0) -> Path:
-    """A 2-layer, 256-wide Llama with random (seeded) bf16 weights and its tokenizer."""
+def build_base_model(out: Path, *, seed: int = 0, **shape: int) -> Path:
+    """A 2-layer Llama with random (seeded) bf16 weights and its tokenizer: 256 wide, or the
+    `shape` given (`WIDE`: as wide as the adapters users serve)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -125,7 +132,7 @@ def build_base_model(out: Path, *, seed: int = 0) -> Path:
     build_tokenizer(tmp)
     vocab = len(AutoTokenizer.from_pretrained(tmp))
     torch.manual_seed(seed)
-    config = tiny_llama_config(vocab, torch_dtype="bfloat16")
+    config = tiny_llama_config(vocab, torch_dtype="bfloat16", **shape)
     model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(out, ignore_errors=True)

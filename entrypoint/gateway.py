@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -28,13 +28,15 @@ from . import __version__
 from .adapter_api import AdapterAPI, Answer
 from .adapters import display_name
 from .backends import Backend
+from .bodies import BadBody, BodyFacts, BodyParser, json_object
 from .metrics import Metrics
 from .registry import AdapterRecord, Registry, State, Traffic
-from .upstream import Timeout, Upstream, UpstreamError
+from .upstream import ClientResponse, Timeout, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
+MAX_API_BODY_BYTES = 64 << 10  # a runtime API call: a name and a path
 SMALL_BODY_BYTES = 1 << 20  # answers up to this size with a known length are sent in one piece
 # Hop-by-hop and length headers are the proxy's own business; asking the backend not to compress
 # keeps the bytes we stream through exactly what its headers say. The client's credentials were
@@ -44,6 +46,7 @@ REQUEST_DROP = {"host", "content-length", "transfer-encoding", "connection", "ke
 _REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)
 RESPONSE_DROP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 _RESPONSE_DROP_RAW = frozenset(name.encode() for name in RESPONSE_DROP)
+CLIENT_GONE = 499  # (nginx's) the client closed its connection before an answer was sent
 STREAM_BROKE = ("data: " + json.dumps({"error": {
     "message": "The backend stopped answering mid-stream.", "type": "BadGateway", "param": None,
     "code": 502}}) + "\n\n").encode()
@@ -89,6 +92,8 @@ class GatewayState:
     api_keys: tuple[str, ...] = ()
     #: the runtime adapter API (None: off)
     api: AdapterAPI | None = None
+    #: reads request bodies (large ones away from the event loop)
+    parser: BodyParser = field(default_factory=BodyParser)
 
 
 def error_body(status: int, message: str, kind: str, code: str | int | None = None) -> dict:
@@ -118,8 +123,9 @@ class Target:
     model: str | None
     #: the adapter it names, "" for the base model
     adapter: str
-    #: what to forward: the request's own bytes, re-encoded only when the name had to change
-    body: bytes
+    #: the `model` the backend needs in the body when it is not the client's (None: the
+    #: request's own bytes are forwarded as they are)
+    rename: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +149,28 @@ STARTING = Refusal(503, "The model is still starting.", "ServiceUnavailable")
 TOO_LARGE = Refusal(413, f"Request body over {MAX_BODY_BYTES >> 20} MiB.", "BadRequestError")
 
 
+#: the most of a client's text (a model name) that an answer or a log line repeats
+SHOWN_CHARS = 256
+#: the metric label and log name of every adapter name the service does not know (no adapter
+#: name holds parentheses, so it cannot be a real one)
+UNKNOWN_ADAPTER = "(unknown)"
+
+
+def shown(text: object) -> str:
+    """Client text as an answer or a log line repeats it: at most SHOWN_CHARS characters, on
+    one line (control characters escaped)."""
+    value = text if isinstance(text, str) else json.dumps(text)[:SHOWN_CHARS + 1]
+    if len(value) > SHOWN_CHARS:
+        value = value[:SHOWN_CHARS - 3] + "..."
+    return value if value.isprintable() else value.encode("unicode_escape").decode()
+
+
 def unknown_model(
     model: str | None, name: str, record: AdapterRecord | None, *, static_mode: bool,
 ) -> Refusal:
     """The 404 for `model` (adapter `name`, whose record is `record`): it says why not now."""
     if record is None:
-        message = f"The model '{model}' does not exist."
+        message = f"The model '{shown(model)}' does not exist."
         if static_mode:
             message += " (static mode: adapters added after start need a restart)"
     elif record.state is State.PENDING:
@@ -161,50 +183,39 @@ def unknown_model(
         message = f"The adapter '{name}' was {record.reason}."
     else:
         message = f"The adapter '{name}' is being removed."
-    return Refusal(404, message, "NotFoundError", "model_not_found", model=model, adapter=name)
+    # (a name the service does not know is never a metric label: clients choose it)
+    return Refusal(404, message, "NotFoundError", "model_not_found", model=model,
+                   adapter=name if record is not None else UNKNOWN_ADAPTER)
 
 
 def resolve(
-    raw: bytes, *, served_name: str, adapters: AdapterLookup, static_mode: bool,
-    request_model: Callable[[str, str], str],
+    facts: BodyFacts | BadBody, *, served_name: str, adapters: AdapterLookup,
+    static_mode: bool, request_model: Callable[[str, str], str],
 ) -> Target | Refusal:
-    """Parse an inference request body and decide where it goes, or why it is refused.
+    """Decide where an inference request goes (`facts`: what its body says), or why it is
+    refused.
 
-    `model` absent or `served_name` is the base model; `<adapter>` or `<served_name>:<adapter>`
-    is an adapter, accepted only while `adapters.ready` has it; `request_model(served_name,
-    adapter)` is the name the backend wants in the body. Reads `adapters`, changes nothing.
+    `model` absent, empty or `served_name` is the base model (as vLLM reads it); `<adapter>` or
+    `<served_name>:<adapter>` is an adapter, accepted only while `adapters.ready` has it;
+    `request_model(served_name, adapter)` is the name the backend wants in the body. Reads
+    `adapters`, changes nothing.
     """
-    body = json_object(raw)
-    if isinstance(body, Refusal):
-        return body
-    model = body.get("model")
-    if "lora_path" in body:
+    if isinstance(facts, BadBody):
+        return Refusal(400, facts.message, "BadRequestError")
+    model = facts.model
+    if facts.lora_path:
         return Refusal(
             400, "'lora_path' is not accepted: name the adapter in 'model' ('<adapter>' or "
             f"'{served_name}:<adapter>').", "BadRequestError", model=model)
-    if model is None or model == served_name:
-        return Target(model, "", raw)
+    if model is None or model == "" or model == served_name:
+        return Target(model, "")
     if not isinstance(model, str):
         return Refusal(400, "'model' must be a string.", "BadRequestError", model=model)
     name = model.removeprefix(served_name + ":")
     if adapters.ready(name) is None:
         return unknown_model(model, name, adapters.get(name), static_mode=static_mode)
     wanted = request_model(served_name, name)
-    if wanted != model:  # re-encode only when the name must change
-        body["model"] = wanted
-        raw = json.dumps(body).encode()
-    return Target(model, name, raw)
-
-
-def json_object(raw: bytes) -> dict | Refusal:
-    """A request body that must be a JSON object, or the 400 saying it is not."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return Refusal(400, "Request body is not valid JSON.", "BadRequestError")
-    if not isinstance(body, dict):
-        return Refusal(400, "Request body must be a JSON object.", "BadRequestError")
-    return body
+    return Target(model, name, None if wanted == model else wanted)
 
 
 def describe(record: AdapterRecord) -> dict:
@@ -316,19 +327,25 @@ class Gateway:
         if isinstance(raw, Refusal):
             await self._refuse(scope, send, raw, started)
             return
-        target = resolve(raw, served_name=state.served_name, adapters=state.registry,
-                         static_mode=state.static_mode, request_model=state.backend.request_model)
+        target = resolve(await state.parser.facts(raw), served_name=state.served_name,
+                         adapters=state.registry, static_mode=state.static_mode,
+                         request_model=state.backend.request_model)
         if isinstance(target, Refusal):
             await self._refuse(scope, send, target, started)
             return
         model, name = target.model, target.adapter
+        body = raw if target.rename is None else await state.parser.renamed(raw, target.rename)
+        if isinstance(body, BadBody):
+            await self._refuse(scope, send, Refusal(400, body.message, "BadRequestError",
+                                                    model=model), started)
+            return
         if name:
             await state.traffic.enter(name)  # waits while its weights are being swapped
             if state.registry.ready(name) is None:  # removed while we waited
                 state.traffic.leave(name)
                 refusal = unknown_model(model, name, state.registry.get(name),
                                         static_mode=state.static_mode)
-                await self._refuse(scope, send, refusal, started)
+                await self._refuse(scope, send, replace(refusal, adapter=name), started)
                 return
 
         def done(status: int) -> None:  # counted when its stream is over
@@ -336,7 +353,7 @@ class Gateway:
                 state.traffic.leave(name)
             self._record(scope, model=model, adapter=name, status=status, started=started)
 
-        await self._forward(scope, receive, send, target.body, done)
+        await self._forward(scope, receive, send, body, done)
 
     async def plain(self, scope: Scope, receive: Receive, send: Send) -> None:
         """PLAIN_ROUTES: forwarded as they are."""
@@ -399,10 +416,13 @@ class Gateway:
         """The JSON object of an API call, or why there is none."""
         if (refused := self._api().refusal()) is not None:
             return refused
-        raw = await read_asgi_body(request.scope, request.receive)
-        body = Refusal(400, "The client went away.", "") if raw is None else (
-            raw if isinstance(raw, Refusal) else json_object(raw))
-        return Answer.error(body.status, body.message) if isinstance(body, Refusal) else body
+        raw = await read_asgi_body(request.scope, request.receive, limit=MAX_API_BODY_BYTES)
+        if raw is None:
+            return Answer.error(400, "The client went away.")
+        if isinstance(raw, Refusal):
+            return Answer.error(raw.status, raw.message)
+        body = json_object(raw)
+        return Answer.error(400, body.message) if isinstance(body, BadBody) else body
 
     def _vllm_answer(self, request: Request, answer: Answer, name: object = None) -> Response:
         self._log_api(request, answer, name)
@@ -470,12 +490,17 @@ class Gateway:
     def _record(
         self, scope: Scope, *, model: object, adapter: str, status: int, started: float,
     ) -> None:
-        """Count one inference request and log it (one JSON object a line: NIM_JSONL_LOGGING)."""
+        """Count one inference request and log it (one JSON object a line: NIM_JSONL_LOGGING).
+
+        `adapter` is a name the service knew when it routed the request, or UNKNOWN_ADAPTER,
+        and the log repeats at most SHOWN_CHARS of the client's `model`: what clients send
+        never grows `/metrics` or a log line without bound."""
         if self.state.metrics is not None:
             self.state.metrics.request(adapter, status)
         if access_log.isEnabledFor(logging.INFO):
             duration = (time.perf_counter() - started) * 1000
             method, path = scope["method"], scope["path"]
+            model = None if model is None else shown(model)
             access_log.info(
                 "%s %s model=%s adapter=%s status=%d %.1f ms", method, path,
                 model, adapter or "-", status, duration,
@@ -490,8 +515,10 @@ class Gateway:
     ) -> None:
         """Forward to the backend and stream the answer back, chunk by chunk as it comes.
 
-        `done(status)` runs once when it is over: after the last chunk, when the client goes away
-        (which closes the upstream connection, so the backend stops generating), or on an error.
+        `done(status)` runs once when it is over: after the last chunk, on an error, or when
+        the client goes away. The client is watched from the moment the request is sent, a
+        non-streamed one too: its going away cancels the call, which closes the upstream
+        connection, so the backend stops generating (counted 499 when nothing was answered).
         """
         finished = False
 
@@ -501,8 +528,33 @@ class Gateway:
                 finished = True
                 done(status)
 
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-                   if k.lower() not in _REQUEST_DROP_RAW}
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self._relay(scope, send, content, finish)
+        except asyncio.CancelledError:
+            if not gone or task.uncancel() > 0:
+                raise
+            finish(CLIENT_GONE)
+        finally:
+            watcher.cancel()
+
+    async def _relay(self, scope: Scope, send: Send, content: bytes,
+                     finish: Callable[[int], None]) -> None:
+        # Headers as the client sent them, repeated ones too (the backend reads the first, as
+        # it would without us).
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+                   if k.lower() not in _REQUEST_DROP_RAW]
         try:
             response = await self.state.client.send(
                 scope["method"], scope["path"], headers=headers, body=content,
@@ -516,6 +568,13 @@ class Gateway:
             await send_error(send, 502, f"The backend is not reachable ({type(exc).__name__}).",
                              "BadGateway")
             return
+        try:
+            await self._answer(send, response, finish)
+        finally:
+            response.close()
+
+    async def _answer(self, send: Send, response: ClientResponse,
+                      finish: Callable[[int], None]) -> None:
         status = response.status
         out = [(k, v) for k, v in response.raw_headers if k.lower() not in _RESPONSE_DROP_RAW]
         event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
@@ -529,48 +588,36 @@ class Gateway:
                 await send_error(send, 502, "The backend stopped answering mid-response.",
                                  "BadGateway")
                 return
-            finally:
-                response.release()
             finish(status)
             out.append((b"content-length", str(len(whole)).encode()))
             await send({"type": "http.response.start", "status": status, "headers": out})
             await send({"type": "http.response.body", "body": whole})
             return
-        gone = False
-
-        async def watch() -> None:  # the client going away closes the upstream answer
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            response.close()
-
-        watcher = asyncio.ensure_future(watch())
         try:
             await send({"type": "http.response.start", "status": status, "headers": out})
             try:
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (UpstreamError, TimeoutError) as exc:  # the backend went away mid-answer
-                if not gone:
-                    log.warning("backend stream broke off (%s)", type(exc).__name__)
-                    if event_stream:
-                        await send({"type": "http.response.body", "body": STREAM_BROKE,
-                                    "more_body": True})
+                log.warning("backend stream broke off (%s)", type(exc).__name__)
+                if event_stream:
+                    await send({"type": "http.response.body", "body": STREAM_BROKE,
+                                "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            watcher.cancel()
-            response.close()
             finish(status)
 
 
-async def read_asgi_body(scope: Scope, receive: Receive) -> bytes | Refusal | None:
-    """The request body; a 413 as soon as it is known to be over the limit; None when the
+async def read_asgi_body(scope: Scope, receive: Receive, *, limit: int = MAX_BODY_BYTES
+                         ) -> bytes | Refusal | None:
+    """The request body; a 413 as soon as it is known to be over `limit`; None when the
     client went away."""
+    too_large = TOO_LARGE if limit == MAX_BODY_BYTES else Refusal(
+        413, f"Request body over {limit >> 10} KiB.", "BadRequestError")
     for key, value in scope["headers"]:
         if key == b"content-length":
-            if value.isdigit() and int(value) > MAX_BODY_BYTES:
-                return TOO_LARGE
+            if value.isdigit() and int(value) > limit:
+                return too_large
             break
     chunks: list[bytes] = []
     size = 0
@@ -580,8 +627,8 @@ async def read_asgi_body(scope: Scope, receive: Receive) -> bytes | Refusal | No
             return None
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return TOO_LARGE
+        if size > limit:
+            return too_large
         if not message.get("more_body", False):
             if not chunks:
                 return chunk
@@ -659,7 +706,9 @@ class BearerAuth:
         path = scope.get("path", "")
         if (scope["type"] == "http" and scope.get("method") != "OPTIONS"
                 and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)):
-            header = dict(scope.get("headers") or []).get(b"authorization")
+            # The first Authorization header, as vLLM and Starlette read it.
+            header = next((v for k, v in scope.get("headers") or () if k == b"authorization"),
+                          None)
             if not self.authorized(header):
                 response = openai_error(
                     401, "Missing or wrong API key: send 'Authorization: Bearer <key>' with the "

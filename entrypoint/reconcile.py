@@ -168,9 +168,9 @@ class Reconciler:
                     and not old.pending):
                 folder = old
             else:
-                folder = inspect_folder(path, limit=self.scanner.limit,
+                folder = inspect_folder(path, limit=self.scanner.limit,  # (final files)
                                         served_name=self.scanner.served_name, name=name,
-                                        _listing=listing)
+                                        complete=True, _listing=listing)
                 folder = replace(folder, origin=Origin.API)
             problem = outside_roots(str(path), self.api_roots)
             if problem is not None:

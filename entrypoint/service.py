@@ -29,6 +29,7 @@ from .adapters import AdapterFolder, AdapterScanner, RankLimit, inspect_folder, 
 from .backends import Backend
 from .gateway import GatewayState, build_app
 from .hardware import detect_gpus
+from .http_server import HeaderDeadlineProtocol
 from .intent import Intent
 from .launch import LaunchPlan, build_launch_plan, plan_backend, rank_limit
 from .metrics import LoraRequestsInfo, Metrics
@@ -265,7 +266,7 @@ def listen(host: str, port: int) -> socket.socket:
 #: how the public port's server runs (the gateway benchmark uses the same)
 GATEWAY_SERVER_OPTIONS: dict[str, Any] = {
     "log_config": None, "access_log": False, "lifespan": "off", "timeout_graceful_shutdown": 5,
-    "http": "httptools", "interface": "asgi3"}
+    "http": HeaderDeadlineProtocol, "interface": "asgi3"}
 
 
 def proxy_client(base_url: str, *, headers: dict[str, str] | None = None) -> Upstream:
@@ -364,8 +365,11 @@ class Service:
             registry=self.registry, served_name=self.settings.served_name,
             source=source if isinstance(source, Path) else None,
             reconciler=self.reconciler if self.settings.api_enabled else None,
-            # a load may wait for requests to drain, then for the call and a late swap
-            timeout=DRAIN_SECS + 2 * self.settings.peft_api_timeout_secs + LATE_SWAP_WATCH_SECS,
+            # a load may wait for requests to drain, then for a swap: an unload, a load and
+            # a load back, the first two perhaps watched landing late
+            timeout=DRAIN_SECS + 3 * self.settings.peft_api_timeout_secs
+            + 2 * LATE_SWAP_WATCH_SECS,
+            max_adapters=self.settings.peft_api_max_adapters,
             off="NIM_PEFT_API_ENABLED=false" if self.settings.dynamic else
             "static mode (set NIM_PEFT_REFRESH_INTERVAL to manage adapters at runtime)")
 

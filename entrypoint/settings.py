@@ -135,6 +135,12 @@ class Settings(BaseSettings):
         "from, besides NIM_PEFT_SOURCE; a `lora_path` that resolves (links and `..` resolved) "
         "anywhere else gets a 403.",
     )
+    peft_api_max_adapters: int = Field(
+        default=256,
+        description="(ours) How many adapters runtime API calls may have loaded at once; a load "
+        "beyond it gets a 400 saying so. Each holds a snapshot under NIM_CACHE_PATH (identical "
+        "files are stored once), so this bounds the disk the API can fill.",
+    )
     peft_api_timeout_secs: float = Field(
         default=30.0, description="Timeout of one adapter load or unload call, in seconds."
     )
@@ -207,7 +213,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("max_gpu_loras", "max_cpu_loras", "max_model_len", "tensor_parallel_size",
-                     "pipeline_parallel_size")
+                     "pipeline_parallel_size", "peft_api_max_adapters")
     @classmethod
     def _positive_int(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
@@ -353,11 +359,17 @@ class Settings(BaseSettings):
                     "the folder that holds one sub-folder per adapter"
                 )
         for allowed in self.api_allowed_paths:
+            where = f"NIM_PEFT_API_ALLOWED_PATHS={self.peft_api_allowed_paths}: {allowed!r}"
             if not Path(allowed).is_absolute():
-                raise ConfigError(
-                    f"NIM_PEFT_API_ALLOWED_PATHS={self.peft_api_allowed_paths}: {allowed!r} is "
-                    "not an absolute path; list absolute folders separated by ':'"
-                )
+                raise ConfigError(f"{where} is not an absolute path; list absolute folders "
+                                  "separated by ':'")
+            if not Path(allowed).is_dir():
+                raise ConfigError(f"{where}: no such folder; create it, mount it, or leave it "
+                                  "out")
+            if os.path.realpath(allowed) == "/":
+                raise ConfigError(f"{where} is the root folder, which would let runtime loads "
+                                  "read any file on this machine; list the folders adapters "
+                                  "are kept in")
         if self.peft_refresh_interval is not None and self.peft_source is None:
             raise ConfigError(
                 "NIM_PEFT_REFRESH_INTERVAL is set but NIM_PEFT_SOURCE is not: set NIM_PEFT_SOURCE "

@@ -7,6 +7,7 @@ here: no backend calls, no registry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,9 +21,9 @@ from .adapters import (
     CONFIG_FILE,
     WEIGHT_FILES,
     AdapterFolder,
-    display_name,
     inspect_folder,
     open_regular,
+    resolved,
     within,
 )
 
@@ -55,7 +56,10 @@ class SnapshotStore:
     """Snapshots under `<NIM_CACHE_PATH>/snapshots/<instance>/<name>-<content hash>`.
 
     A snapshot nothing serves any more is retired, and deleted only after a grace period in
-    which nothing used it; taking the same content again brings it back instead. Thread-safe:
+    which nothing used it; taking the same content again brings it back instead. Identical
+    files are stored once: a snapshot of content another snapshot already holds (the same
+    folder loaded through the API under many names) is made of hard links to its files, so
+    each name keeps its own folder and lifetime while the bytes are on disk once. Thread-safe:
     takes and deletions run in worker threads.
     """
 
@@ -66,6 +70,7 @@ class SnapshotStore:
         self._retired: dict[Path, float] = {}  # path -> monotonic time it may be deleted
         self._kept: dict[Path, float] = {}  # held (a load of it timed out), or taken again
         # while retired: the time before which it may not be deleted
+        self._content: dict[str, set[Path]] = {}  # content hash -> the snapshots holding it
 
     def _cache_error(self, exc: OSError) -> SnapshotFailed:
         return SnapshotFailed(
@@ -100,7 +105,8 @@ class SnapshotStore:
             if not copy.valid:  # the same files, yet their copy is not an adapter
                 raise SnapshotRefused(f"its files, as read, are not a valid adapter "
                                       f"({copy.problem})")
-            final = self.root / f"{folder.name}-{digest.hexdigest()}"
+            content = digest.hexdigest()
+            final = self.root / f"{folder.name}-{content}"
             with self._lock:
                 if final in self._retired:  # served again: no longer to be deleted, but a
                     self._kept[final] = self._retired.pop(final)  # grace it had still holds
@@ -108,13 +114,40 @@ class SnapshotStore:
                     if final.exists():
                         shutil.rmtree(tmp)
                     else:
+                        self._share(tmp, content)
                         os.replace(tmp, final)
                 except OSError as exc:
                     raise self._cache_error(exc) from None
+                self._content.setdefault(content, set()).add(final)
             return final
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _share(self, tmp: Path, content: str) -> None:
+        """Replace the files of the fresh copy `tmp` by hard links to those of a snapshot that
+        holds the same content, when there is one (where links cannot be made, the copy
+        stays)."""
+        existing = next((p for p in self._content.get(content, ()) if p.is_dir()), None)
+        if existing is None:
+            return
+        for entry in os.scandir(tmp):
+            link = tmp / f".{entry.name}.link"
+            try:
+                os.link(existing / entry.name, link)
+                os.replace(link, entry.path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    link.unlink()
+                return
+
+    def _forget(self, path: Path) -> None:
+        """`path` is deleted (call with the lock held)."""
+        holders = self._content.get(path.name.rsplit("-", 1)[-1])
+        if holders is not None:
+            holders.discard(path)
+            if not holders:
+                del self._content[path.name.rsplit("-", 1)[-1]]
 
     def _copy(self, source: Path, target: Path, digest: hashlib.blake2b,
               roots: Sequence[Path]) -> None:
@@ -126,9 +159,9 @@ class SnapshotStore:
         except OSError as exc:
             raise SnapshotChanged(f"{source.name} cannot be read ({exc.strerror})") from None
         try:
-            if roots and not within(real := opened_path(src, source), roots):
+            if roots and not within(opened_path(src, source), roots):
                 raise SnapshotRefused(
-                    f"{source.name} leads to {display_name(real)}, outside the folders adapters "
+                    f"{source.name} leads outside the folders adapters "
                     "may be loaded from; copy the file itself into the adapter's folder")
             digest.update(source.name.encode() + b"\0")
             try:
@@ -197,6 +230,7 @@ class SnapshotStore:
                     continue
                 del self._retired[path]
                 self._kept.pop(path, None)
+                self._forget(path)
                 shutil.rmtree(path, ignore_errors=True)
                 deleted.append(path)
         return deleted
@@ -219,6 +253,8 @@ class SnapshotStore:
                     continue
                 if entry.name.startswith(".") and time.time() - entry.stat().st_mtime < 600:
                     continue  # a snapshot being written right now
+                with self._lock:
+                    self._forget(entry)
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         except OSError as exc:  # an unusable cache shows when a snapshot is taken
@@ -235,4 +271,4 @@ def opened_path(fd: int, path: Path) -> str:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
-        return os.path.realpath(path)
+        return resolved(str(path)) or ""

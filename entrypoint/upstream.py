@@ -8,14 +8,16 @@ unload) stay on httpx in the backend modules. Forwards bytes; knows nothing of a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import aiohttp
+from multidict import CIMultiDict
 
 KEEPALIVE_SECS = 4.0
 Timeout = (aiohttp.ServerTimeoutError, TimeoutError)
 #: errors that mean the backend did not answer properly
 UpstreamError = aiohttp.ClientError
+ClientResponse = aiohttp.ClientResponse
 
 
 class Upstream:
@@ -44,16 +46,18 @@ class Upstream:
             )
         return self._session
 
-    async def send(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
+    async def send(self, method: str, path: str, *,
+                   headers: Iterable[tuple[str, str]] | None = None,
                    body: bytes | None = None, query: str = "") -> aiohttp.ClientResponse:
         """Send a request; the caller reads (or streams) and releases the response."""
         url = self.base_url + path + (f"?{query}" if query else "")
+        sent = None if headers is None else CIMultiDict(headers)  # (repeats kept, in order)
         try:
-            return await self.session.request(method, url, headers=headers, data=body)
+            return await self.session.request(method, url, headers=sent, data=body)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             # A pooled connection the backend closed as we reused it (its keep-alive timer, late
             # on a starved event loop): the request never reached it. Once more, on a new one.
-            return await self.session.request(method, url, headers=headers, data=body)
+            return await self.session.request(method, url, headers=sent, data=body)
 
     async def get(self, path: str, *, timeout: float | None = None) -> tuple[int, bytes]:
         """A small GET: status and whole body."""

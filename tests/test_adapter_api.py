@@ -121,9 +121,9 @@ def test_api_loads_get_the_folder_checks_and_failures_leave_nothing(world, libra
         big = await world.api.load("big", str(world.allowed / "big"))
         assert big.status == 400 and "rank 64 is above" in big.message
         half = await world.api.load("half", str(world.allowed / "half"))
-        assert half.status == 400 and "incomplete" in half.message
+        assert half.status == 400 and "no adapter_model.safetensors" in half.message
         missing = await world.api.load("gone", str(world.allowed / "nothing-here"))
-        assert missing.status == 400 and "cannot be listed" in missing.message
+        assert missing.status == 404 and "does not exist" in missing.message  # as vLLM's
         world.backend.refuse.add("fine")
         refused = await world.api.load("fine", str(world.allowed / "fine"))
         assert refused.status == 400 and "bad tensors" in refused.message
@@ -362,8 +362,9 @@ def test_a_decision_that_cannot_be_kept_is_not_taken(world, library, tmp_path):
 
 
 def test_api_bodies_that_are_not_a_json_object_get_a_400_in_either_form(world):
+    """(An API call's body is a name and a path: 64 KiB at most.)"""
     from entrypoint.backends.vllm import VLLMBackend
-    from entrypoint.gateway import MAX_BODY_BYTES, GatewayState, build_app
+    from entrypoint.gateway import MAX_API_BODY_BYTES, GatewayState, build_app
     from entrypoint.upstream import Upstream
 
     state = GatewayState(served_name="tiny", backend=VLLMBackend(), registry=world.registry,
@@ -374,11 +375,78 @@ def test_api_bodies_that_are_not_a_json_object_get_a_400_in_either_form(world):
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             return await client.post(path, content=content)
 
+    deep = b'{"lora_name": "x", "lora_path": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
     for content, message in ((b"{nope", "not valid JSON"), (b"[1]", "must be a JSON object"),
-                             (b"x" * (MAX_BODY_BYTES + 1), "over 32 MiB")):
+                             (deep, "nested too deeply"),  # (was a 500 with a traceback)
+                             (b"x" * (MAX_API_BODY_BYTES + 1), "over 64 KiB")):
         vllm = asyncio.run(post("/v1/load_lora_adapter", content))
         assert vllm.status_code in (400, 413) and message in vllm.json()["error"]["message"]
         sglang = asyncio.run(post("/load_lora_adapter", content))
         assert sglang.status_code == 400 and message in sglang.json()["error_message"]
         assert sglang.json()["success"] is False
     assert world.backend.calls == []
+
+
+def test_a_path_whose_link_cannot_be_read_is_a_403_and_no_answer_says_where_links_lead(
+        world, library, monkeypatch):
+    """`/proc/1/cwd` (a link another user's process owns) made `os.path.realpath` raise
+    PermissionError: a 500. And the 403 for `/proc/self/cwd` told the caller where it leads."""
+    secret = world.outside / "secret-place"
+    copy_adapter(library / "alpha", secret)
+    (world.allowed / "leads-out").symlink_to(secret)
+    unreadable = world.allowed / "unreadable"
+    unreadable.symlink_to(secret)
+    plain_readlink = os.readlink
+
+    def readlink(path, *args, **kwargs):
+        if os.fspath(path) == str(unreadable):
+            raise PermissionError(13, "Permission denied", str(path))
+        return plain_readlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "readlink", readlink)
+
+    async def scenario():
+        for path in (str(unreadable), "/proc/1/cwd", "/proc/self/cwd", "/proc/self/exe",
+                     str(world.allowed / "leads-out")):
+            answer = await world.api.load("probe", path)
+            assert answer.status in (403, 404), (path, answer)
+            assert "secret-place" not in answer.message and str(world.outside) not in \
+                answer.message, answer.message
+            if answer.status == 403:
+                assert "NIM_PEFT_API_ALLOWED_PATHS" in answer.message
+        assert world.backend.calls == [] and world.kept() == {}
+
+    asyncio.run(scenario())
+
+
+def test_the_api_may_load_so_many_adapters_and_identical_files_are_stored_once(
+        world, library, tmp_path):
+    store = SnapshotStore(tmp_path / "snapshots")
+    world.reconciler.snapshots = store
+    world.api.max_adapters = 30
+    copy_adapter(library / "alpha", world.allowed / "same")
+    size = sum((world.allowed / "same" / f).stat().st_size
+               for f in ("adapter_config.json", "adapter_model.safetensors"))
+
+    def disk() -> int:  # bytes on disk: each inode once
+        seen = {}
+        for file in store.root.rglob("*"):
+            if file.is_file():
+                seen[file.stat().st_ino] = file.stat().st_size
+        return sum(seen.values())
+
+    async def scenario():
+        for i in range(30):
+            answer = await world.api.load(f"copy-{i}", str(world.allowed / "same"))
+            assert answer.ok, answer
+        assert len(list(store.root.iterdir())) == 30  # a folder per name ...
+        assert size <= disk() < size * 1.1  # ... and the files once
+        over = await world.api.load("copy-30", str(world.allowed / "same"))
+        assert over.status == 400 and "NIM_PEFT_API_MAX_ADAPTERS" in over.message
+        assert world.registry.get("copy-30") is None and "copy-30" not in world.kept()["loaded"]
+        assert (await world.api.unload("copy-0")).ok
+        assert (await world.api.load("copy-30", str(world.allowed / "same"))).ok
+        served = world.backend.served
+        assert len(served) == 30 and all(os.path.isdir(path) for path in served.values())
+
+    asyncio.run(scenario())

@@ -15,6 +15,7 @@ import pytest
 
 from entrypoint.backends.sglang import SGLangBackend
 from entrypoint.backends.vllm import VLLMBackend
+from entrypoint.bodies import read_facts, renamed
 from entrypoint.gateway import (
     MAX_BODY_BYTES,
     GatewayState,
@@ -27,7 +28,7 @@ from entrypoint.logs import JSONLineFormatter
 from entrypoint.metrics import Metrics
 from entrypoint.registry import AdapterRecord, Registry, State
 from entrypoint.upstream import Upstream
-from tests.e2e.server import free_port
+from tests.e2e.server import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,9 +216,12 @@ def test_metrics_count_requests_and_append_the_backends(upstream):
     complete(state, "alpha")
     complete(state, "alpha")
     complete(state, "zeta")
+    complete(state, "big")
     text = run(state, "GET", "/v1/metrics").text
     assert 'lora_requests_total{adapter="alpha"} 2.0' in text
-    assert 'lora_request_errors_total{adapter="zeta",status="404"} 1.0' in text
+    assert 'lora_request_errors_total{adapter="big",status="404"} 1.0' in text  # a known name
+    assert 'lora_request_errors_total{adapter="(unknown)",status="404"} 1.0' in text
+    assert "zeta" not in text
     assert 'lora_adapters{state="failed"} 1.0' in text
     assert 'lora_adapter_ready{adapter="alpha"} 1.0' in text
     assert "vllm:num_requests_running" in text  # the backend's own, appended
@@ -305,43 +309,44 @@ ADAPTERS = Lookup(
 
 def decide(body, *, backend=None, static_mode=False, adapters=ADAPTERS):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return resolve(raw, served_name="tiny", adapters=adapters, static_mode=static_mode,
-                   request_model=(backend or VLLMBackend()).request_model)
+    return resolve(read_facts(raw), served_name="tiny", adapters=adapters,
+                   static_mode=static_mode, request_model=(backend or VLLMBackend()).request_model)
 
 
-@pytest.mark.parametrize("model", [None, "tiny"])
+@pytest.mark.parametrize("model", [None, "tiny", ""])
 def test_resolve_sends_the_base_model_through_untouched(model):
     raw = json.dumps({"model": model, "prompt": "hi"}).encode()
-    target = decide(raw)
-    assert target == Target(model=model, adapter="", body=raw) and target.body is raw
-    bare = b'{"prompt": "hi"}'
-    assert decide(bare) == Target(model=None, adapter="", body=bare)
+    assert decide(raw) == Target(model=model, adapter="", rename=None)
+    assert decide(b'{"prompt": "hi"}') == Target(model=None, adapter="", rename=None)
 
 
 @pytest.mark.parametrize(("model", "adapter"), [("alpha", "alpha"), ("swapping", "swapping")])
 def test_resolve_sends_a_served_adapter_under_the_name_vllm_knows(model, adapter):
     raw = json.dumps({"model": model, "prompt": "hi"}).encode()
-    target = decide(raw)
-    assert target == Target(model=model, adapter=adapter, body=raw) and target.body is raw
+    assert decide(raw) == Target(model=model, adapter=adapter, rename=None)
 
 
 def test_resolve_renames_only_when_the_backend_wants_another_name():
-    target = decide({"model": "tiny:alpha", "prompt": "hi", "max_tokens": 3})
+    raw = json.dumps({"model": "tiny:alpha", "prompt": "hi", "max_tokens": 3}).encode()
+    target = decide(raw)
     assert isinstance(target, Target)
-    assert (target.model, target.adapter) == ("tiny:alpha", "alpha")
-    assert json.loads(target.body) == {"model": "alpha", "prompt": "hi", "max_tokens": 3}
+    assert (target.model, target.adapter, target.rename) == ("tiny:alpha", "alpha", "alpha")
+    assert json.loads(renamed(raw, target.rename)) == {"model": "alpha", "prompt": "hi",
+                                                       "max_tokens": 3}
     sglang = SGLangBackend()
-    target = decide({"model": "alpha", "prompt": "hi"}, backend=sglang)
+    raw = json.dumps({"model": "alpha", "prompt": "hi"}).encode()
+    target = decide(raw, backend=sglang)
     assert isinstance(target, Target) and target.adapter == "alpha"
-    assert json.loads(target.body) == {"model": "tiny:alpha", "prompt": "hi"}
+    assert json.loads(renamed(raw, target.rename)) == {"model": "tiny:alpha", "prompt": "hi"}
     raw = b'{"model": "tiny:alpha", "prompt": "hi"}'
-    assert decide(raw, backend=sglang) == Target(model="tiny:alpha", adapter="alpha", body=raw)
+    assert decide(raw, backend=sglang) == Target(model="tiny:alpha", adapter="alpha",
+                                                 rename=None)
 
 
 @pytest.mark.parametrize(("model", "adapter", "message"), [
-    ("zeta", "zeta", "The model 'zeta' does not exist."),
-    ("tiny:zeta", "zeta", "The model 'tiny:zeta' does not exist."),
-    ("tiny:", "", "The model 'tiny:' does not exist."),
+    ("zeta", "(unknown)", "The model 'zeta' does not exist."),
+    ("tiny:zeta", "(unknown)", "The model 'tiny:zeta' does not exist."),
+    ("tiny:", "(unknown)", "The model 'tiny:' does not exist."),
     ("copying", "copying", "The adapter 'copying' is not ready yet: incomplete: still copying."),
     ("first", "first", "The adapter 'first' is still loading; try again in a moment."),
     ("tiny:big", "big", "The adapter 'big' failed to load: rank 64 is above 16."),
@@ -460,3 +465,171 @@ def test_a_connection_the_backend_closes_as_it_is_reused_is_retried_once():
         return status, seen
 
     assert asyncio.run(scenario()) == (200, 2)
+
+
+# ---- hostile or careless clients, on a real socket ----
+
+class LiveGateway:
+    """The gateway served by uvicorn as `serve` runs it (same protocol and options), in a
+    thread of its own, on a free port."""
+
+    def __init__(self, state: GatewayState) -> None:
+        import threading
+
+        import uvicorn
+
+        from entrypoint.service import GATEWAY_SERVER_OPTIONS, _GatewayServer
+
+        self.state = state
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(build_app(state), host="127.0.0.1", port=self.port,
+                                **GATEWAY_SERVER_OPTIONS)
+        self.server = _GatewayServer(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return
+            time.sleep(0.02)
+        raise AssertionError("the gateway did not start")
+
+    def _run(self) -> None:
+        async def main() -> None:
+            url, timeout = self.state.upstream
+            self.state.client = Upstream(url, read_timeout=timeout, connect_timeout=2)
+            try:
+                await self.server.serve()
+            finally:
+                await self.state.client.close()
+                self.state.parser.close()
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def live(upstream):
+    gateway = LiveGateway(make_state(upstream, timeout=60))
+    yield gateway
+    gateway.stop()
+
+
+def busy(upstream) -> int:
+    return httpx.get(upstream + "/__busy").json()["busy"]
+
+
+def test_a_client_hanging_up_on_a_plain_request_stops_the_backend(live, upstream):
+    """Only streams used to watch for the client going away: a non-streamed request whose
+    client left kept the backend generating (vLLM: 8 such requests, busy 16.8 s after)."""
+    for _ in range(4):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", timeout=0.5,
+                       json={"model": "alpha", "prompt": "hang", "max_tokens": 480})
+    took = wait_until(lambda: busy(upstream) == 0, timeout=5)
+    assert took < 2.0, f"the backend kept working {took:.1f} s after its clients left"
+    assert live.state.traffic.running("alpha") == 0
+    assert 'lora_request_errors_total{adapter="alpha",status="499"} 4.0' in (
+        live.state.metrics.render().decode())
+
+
+def test_model_names_clients_make_up_never_grow_metrics_or_log_lines(upstream, caplog):
+    caplog.set_level(logging.INFO, logger="entrypoint.access")
+    state = make_state(upstream)
+    complete(state, "alpha")
+
+    def series() -> list[str]:
+        return [line for line in state.metrics.render().decode().splitlines()
+                if line.startswith("lora_request")]
+
+    known = series()
+    for i in range(200):
+        complete(state, f"made-up-{i}")
+    grown = series()
+    assert not any("made-up" in line for line in grown)
+    # (unknown) in the requests and errors counters, each with its _created: and no more
+    assert len(grown) - len(known) == 4
+    for i in range(100):
+        complete(state, f"more-{i}")
+    assert len(series()) == len(grown)
+    huge = "x" * (1 << 20)
+    reply = complete(state, huge)
+    assert reply.status_code == 404 and len(reply.text) < 1000
+    line = caplog.records[-1].getMessage()
+    assert len(line) < 1000 and "made-up" not in line
+
+
+def test_a_huge_nested_body_does_not_stall_the_port(live):
+    """A body of millions of nested lists took seconds to parse, all on the event loop: health
+    checks waited 8 s for one such body, 40 s for four."""
+    import concurrent.futures
+
+    raw = b'{"model": "zeta", "x": [' + b",".join([b"[[[[[[[[[[]]]]]]]]]]"] * 400_000) + b"]}"
+    assert len(raw) > 8 << 20
+
+    def send() -> int:
+        return httpx.post(live.url + "/v1/completions", content=raw, timeout=120,
+                          headers={"content-type": "application/json"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        sent = [pool.submit(send) for _ in range(4)]
+        slowest = 0.0
+        while not all(f.done() for f in sent):
+            started = time.monotonic()
+            assert httpx.get(live.url + "/v1/health/live", timeout=30).status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.05)
+        assert [f.result() for f in sent] == [404] * 4
+    assert slowest < 0.5, f"/v1/health/live took {slowest:.2f} s while bodies were parsed"
+
+
+def test_nesting_deeper_than_the_parser_allows_is_a_400(upstream):
+    deep = b'{"model": "alpha", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    reply = run(make_state(upstream), "POST", "/v1/completions", content=deep,
+                headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"] == "Request body is nested too deeply."
+
+
+def test_an_empty_model_is_the_base_model_as_in_vllm(upstream):
+    reply = complete(make_state(upstream), "")
+    assert reply.status_code == 200 and reply.json()["model"] == ""
+
+
+def test_repeated_headers_are_read_as_vllm_reads_them(upstream):
+    state = make_state(upstream)
+    state.api_keys = ("right",)
+    body = json.dumps({"model": "alpha", "prompt": "hi"}).encode()
+
+    def send(*headers: tuple[str, str]) -> httpx.Response:
+        return run(state, "POST", "/v1/completions", content=body, headers=list(headers))
+
+    assert send(("authorization", "Bearer right"), ("authorization", "Bearer wrong"),
+                ("content-type", "application/json")).status_code == 200
+    assert send(("authorization", "Bearer wrong"), ("authorization", "Bearer right"),
+                ("content-type", "application/json")).status_code == 401
+    reply = send(("authorization", "Bearer right"), ("content-type", "application/json"),
+                 ("content-type", "text/plain"))
+    assert reply.json()["content_type_seen"] == "application/json"  # both sent, first read
+
+
+def test_request_headers_that_trickle_in_are_cut_off(live, monkeypatch):
+    import socket
+
+    from entrypoint.http_server import HeaderDeadlineProtocol
+
+    monkeypatch.setattr(HeaderDeadlineProtocol, "header_timeout", 0.5)
+    with socket.create_connection(("127.0.0.1", live.port)) as slow, \
+            socket.create_connection(("127.0.0.1", live.port)) as silent:
+        slow.sendall(b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        for sock in (slow, silent):
+            sock.settimeout(5)
+            answer = sock.recv(1000)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert sock.recv(1000) == b""  # and closed
+        assert time.monotonic() - started < 2
+    assert httpx.get(live.url + "/v1/health/live").status_code == 200  # others unaffected

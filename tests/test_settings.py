@@ -129,9 +129,25 @@ def test_api_allowed_paths_are_absolute_and_resolved(monkeypatch, model_dir, tmp
     store.mkdir()
     (tmp_path / "link").symlink_to(store)
     monkeypatch.setenv("NIM_PEFT_SOURCE", str(source))
-    monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", f"{tmp_path / 'link'}::/models/x")
-    assert load_settings().api_roots == (source.resolve(), store.resolve(), Path("/models/x"))
-    monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", "/models:relative/store")
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", f"{tmp_path / 'link'}::{models}")
+    assert load_settings().api_roots == (source.resolve(), store.resolve(), models.resolve())
+    monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", f"{models}:relative/store")
     with pytest.raises(ConfigError, match=r"^NIM_PEFT_API_ALLOWED_PATHS=.*'relative/store' is "
                        "not an absolute path"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("listed", "message"), [
+    ("/", "is the root folder, which would let runtime loads read any file"),
+    ("/var/../", "is the root folder"),
+    ("/no/such/folder", "no such folder; create it, mount it, or leave it out"),
+])
+def test_api_allowed_paths_that_allow_everything_or_nothing_are_refused(
+        monkeypatch, model_dir, tmp_path, listed, message):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(model_dir))
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(tmp_path))
+    monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", f"{tmp_path}:{listed}")
+    with pytest.raises(ConfigError, match=f"^NIM_PEFT_API_ALLOWED_PATHS=.*{message}"):
         load_settings()

@@ -2,7 +2,9 @@
 
 Answers `/v1/models`, `/v1/completions`, `/v1/chat/completions` (streaming too) and `/metrics`
 at once, so what is measured through the gateway is the gateway's own cost. Prompts steer it:
-`hang` sleeps 30 s before answering; `die` streams two chunks and then drops the connection.
+`hang` sleeps 30 s before answering (stopping early, as vLLM does, when its client goes away);
+`die` streams two chunks and then drops the connection. `GET /__busy` says how many requests it
+is working on.
 Run: `python -m tests.fakes.upstream --port N [--served tiny] [--adapters a,b]`.
 """
 
@@ -20,6 +22,11 @@ from starlette.routing import Route
 
 
 def build(served: str, adapters: list[str]) -> Starlette:
+    busy = 0
+
+    async def working(request: Request) -> Response:
+        return JSONResponse({"busy": busy})
+
     async def models(request: Request) -> Response:
         cards = [{"id": served, "object": "model", "root": "/models/" + served, "parent": None}]
         cards += [{"id": a, "object": "model", "root": f"/snapshots/{a}", "parent": served}
@@ -27,10 +34,18 @@ def build(served: str, adapters: list[str]) -> Starlette:
         return JSONResponse({"object": "list", "data": cards})
 
     async def completions(request: Request) -> Response:
+        nonlocal busy
         body = json.loads(await request.body())
         prompt = str(body.get("prompt", ""))
         if prompt == "hang":
-            await asyncio.sleep(30)
+            busy += 1
+            try:
+                for _ in range(300):  # vLLM aborts a request whose client went away
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    await asyncio.sleep(0.1)
+            finally:
+                busy -= 1
         text = f"{body.get('model')} says hi"
         auth = request.headers.get("authorization")
         if body.get("stream"):
@@ -49,7 +64,8 @@ def build(served: str, adapters: list[str]) -> Starlette:
             return StreamingResponse(stream(), media_type="text/event-stream")
         return JSONResponse({"object": "text_completion", "model": body.get("model"),
                              "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
-                             "authorization_seen": auth})
+                             "authorization_seen": auth,
+                             "content_type_seen": request.headers.get("content-type")})
 
     async def metrics(request: Request) -> Response:
         return Response("# TYPE vllm:num_requests_running gauge\n"
@@ -64,6 +80,7 @@ def build(served: str, adapters: list[str]) -> Starlette:
 
     return Starlette(routes=[
         Route("/v1/models", models),
+        Route("/__busy", working),
         Route("/locked/v1/models", locked),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", completions, methods=["POST"]),
