@@ -64,12 +64,22 @@ def serve_gateway(upstream: str, port: int) -> None:
 
 # ---- measuring ----
 
+def session(url: str, limit: int = 100) -> tuple[aiohttp.ClientSession, str]:
+    """A client session for `url` and the base URL to prefix paths with: `unix:PATH` is the
+    backend's own Unix socket (vLLM listens on one, past the entrypoint)."""
+    if url.startswith("unix:"):
+        return (aiohttp.ClientSession(connector=aiohttp.UnixConnector(url[5:], limit=limit)),
+                "http://backend")
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit)), url
+
+
 async def latencies(url: str, count: int) -> list[float]:
-    async with aiohttp.ClientSession() as session:
+    client, url = session(url)
+    async with client as session_:
         out = []
         for _ in range(count):
             start = time.perf_counter()
-            async with session.post(url + "/v1/completions", json=BODY) as response:
+            async with session_.post(url + "/v1/completions", json=BODY) as response:
                 await response.read()
                 assert response.status == 200, response.status
             out.append(time.perf_counter() - start)
@@ -79,12 +89,12 @@ async def latencies(url: str, count: int) -> list[float]:
 async def throughput(url: str, clients: int, seconds: float) -> float:
     done = 0
     stop = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    pool, url = session(url, clients)
+    async with pool as session_:
         async def client() -> None:
             nonlocal done
             while time.perf_counter() < stop:
-                async with session.post(url + "/v1/completions", json=BODY) as response:
+                async with session_.post(url + "/v1/completions", json=BODY) as response:
                     await response.read()
                     if response.status == 200:
                         done += 1
@@ -97,10 +107,11 @@ async def throughput(url: str, clients: int, seconds: float) -> float:
 async def first_chunk(url: str, count: int, tokens: int) -> list[float]:
     body = {**BODY, "max_tokens": tokens, "stream": True}
     out = []
-    async with aiohttp.ClientSession() as session:
+    pool, url = session(url)
+    async with pool as session_:
         for _ in range(count):
             start = time.perf_counter()
-            async with session.post(url + "/v1/completions", json=body) as response:
+            async with session_.post(url + "/v1/completions", json=body) as response:
                 async for _chunk in response.content.iter_any():
                     out.append(time.perf_counter() - start)
                     break
@@ -138,21 +149,23 @@ async def stream_run(url: str, streams: int, tokens: int, rounds: int) -> tuple[
     body = {"model": "alpha", "prompt": "Hi", "max_tokens": tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
     chunks = 0
-    connector = aiohttp.TCPConnector(limit=streams)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    label = url
+    pool, url = session(url, streams)
+    async with pool as session_:
         async def client() -> None:
             nonlocal chunks
             for _ in range(rounds):
                 for attempt in range(3):  # a pooled connection the server had just closed
                     try:
-                        async with session.post(url + "/v1/completions", json=body) as response:
+                        async with session_.post(url + "/v1/completions",
+                                                 json=body) as response:
                             assert response.status == 200, response.status
                             async for line in response.content:
                                 if line.startswith(b"data: {"):
                                     chunks += 1
                         break
                     except aiohttp.ClientConnectionError:
-                        RETRIES[url] = RETRIES.get(url, 0) + 1
+                        RETRIES[label] = RETRIES.get(label, 0) + 1
                         if attempt == 2:
                             raise
 
@@ -289,8 +302,6 @@ def standin_run(args: argparse.Namespace) -> dict:
 
 
 def vllm_run(args: argparse.Namespace) -> dict:
-    import re
-
     from entrypoint.demo import build_adapter, build_base_model
     from tests.e2e.server import Server
 
@@ -309,8 +320,7 @@ def vllm_run(args: argparse.Namespace) -> dict:
                     command=[sys.executable, "-m", "entrypoint", "serve", "--host", "127.0.0.1"],
                     ).start().wait_ready()
     try:
-        port = re.search(r"--port (\d+)", server.logs()).group(1)
-        direct = f"http://127.0.0.1:{port}"
+        direct = f"unix:{server.backend_socket()}"  # vLLM's own socket, past the entrypoint
         result = compare(direct, server.url, requests=args.vllm_requests,
                          seconds=args.vllm_seconds, ttft=30, tokens=8)
         assert server.process is not None
@@ -351,11 +361,11 @@ def start_run(args: argparse.Namespace) -> dict:
             server.wait_ready()
             ours = server.ready_after
             server.terminate()
-            port = int(free_port())
+            private = Path(tempfile.mkdtemp(prefix="gw-bare-"))
             saved = dict(os.environ)
             os.environ.update(clean_env(**env, NIM_SERVER_PORT=str(free_port())))
             try:
-                plan = resolve(load_settings(), backend_port=port, dry_run=True).plan
+                plan = resolve(load_settings(), dry_run=True, private=private).plan
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
@@ -365,7 +375,7 @@ def start_run(args: argparse.Namespace) -> dict:
                                         stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
                 try:
-                    wait_http_ok(f"http://127.0.0.1:{port}/health", 300, bare)
+                    wait_http_ok(plan.backend_url + "/health", 300, bare, uds=plan.uds)
                     theirs = time.monotonic() - started
                 finally:
                     os.killpg(bare.pid, 15)
@@ -377,12 +387,14 @@ def start_run(args: argparse.Namespace) -> dict:
     return out
 
 
-def wait_http_ok(url: str, timeout: float, process: subprocess.Popen) -> None:
+def wait_http_ok(url: str, timeout: float, process: subprocess.Popen,
+                 uds: str | None = None) -> None:
     deadline = time.monotonic() + timeout
+    client = httpx.Client(transport=httpx.HTTPTransport(uds=uds) if uds else None, timeout=2)
     while time.monotonic() < deadline:
         assert process.poll() is None, f"exited with {process.returncode}"
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if client.get(url).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

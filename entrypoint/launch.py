@@ -33,8 +33,17 @@ class LaunchPlan:
     rank_limit: RankLimit
     static_adapters: tuple[AdapterFolder, ...] = field(default=())
     static_paths: tuple[tuple[str, Path], ...] = field(default=())  # name -> path it loads
-    #: keys the backend requires (VLLM_API_KEY, --api-key): the public port requires them too
+    #: keys the user set (VLLM_API_KEY, --api-key): the public port requires them
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: the backend's Unix socket (None: it listens on 127.0.0.1:`port`)
+    uds: str | None = None
+    #: the key the entrypoint sends with every call to the backend (None: it wants none)
+    backend_key: str | None = field(default=None, repr=False)
+
+    @property
+    def backend_url(self) -> str:
+        """The backend's base URL (over `uds` when it listens on a socket)."""
+        return "http://backend" if self.uds else f"http://{BACKEND_HOST}:{self.port}"
 
     @property
     def shown_argv(self) -> list[str]:
@@ -102,14 +111,21 @@ def build_launch_plan(
     port: int,
     python: str = sys.executable,
     load_paths: Mapping[str, Path] | None = None,
+    uds: str | None = None,
+    internal_key: str | None = None,
 ) -> LaunchPlan:
     """The backend's argv and env. Only valid adapters are ever passed at start (`adapters`
     are already judged against `limit`).
 
     `load_paths` maps static adapters to the snapshot they are served from (default: their
-    folders, as `serve --dry-run` shows them).
+    folders, as `serve --dry-run` shows them). The backend is closed to everything but the
+    entrypoint: an engine that can listens on `uds` (a socket in a private folder); another
+    requires `internal_key` of every caller, unless the user set a key of their own.
     """
     backend = plan_backend(settings, profile)
+    user_keys = backend.api_keys(settings)
+    socket = uds if backend.unix_socket else None
+    key = None if socket or user_keys else internal_key
     static = tuple(a for a in adapters if a.valid)
     spec = StartSpec(
         model=settings.model_name or "",
@@ -124,6 +140,8 @@ def build_launch_plan(
         ),
         dynamic=settings.dynamic,
         adapter_modules=tuple(a.target_modules for a in static),
+        uds=socket,
+        api_key=key,
     )
     argv = backend.argv(spec, settings=settings, profile=profile, python=python)
     argv += settings.passthrough
@@ -137,5 +155,7 @@ def build_launch_plan(
         rank_limit=limit,
         static_adapters=() if settings.dynamic else static,
         static_paths=spec.static_adapters,
-        api_keys=backend.api_keys(settings),
+        api_keys=user_keys,
+        uds=socket,
+        backend_key=key or (user_keys[0] if user_keys else None),
     )

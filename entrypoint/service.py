@@ -11,9 +11,11 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,13 +195,15 @@ def resolve(
     snapshots: SnapshotStore | None = None,
     dry_run: bool = False,
     downloads: Path | None = None,
+    private: Path | None = None,
 ) -> Startup:
     """Settings -> profile -> adapters -> rank limit -> snapshots -> launch plan, each once.
     Raises `ConfigError`.
 
     With `snapshots`, static adapters are served from snapshots taken now (a dry run takes none).
     Adapters from an s3:// source are downloaded under `downloads` (default: this instance's
-    folder under NIM_CACHE_PATH).
+    folder under NIM_CACHE_PATH). A backend that can listens on a Unix socket in `private` (a
+    folder only this user may enter: `private_folder`); another gets a key made now.
     """
     profile, notes = choose_profile(settings, dry_run=dry_run)
     backend = plan_backend(settings, profile)
@@ -223,8 +227,11 @@ def resolve(
             except SnapshotFailed as exc:
                 skipped[folder.name] = str(exc)
     served = [a for a in adapters if a.name not in skipped]
+    uds = (private or Path(tempfile.gettempdir(), "lora-entrypoint-XXXXXXXX")) / \
+        f"{backend.name}.sock"
     plan = build_launch_plan(settings, profile, served, limit=limit,
-                             port=backend_port or free_port(), load_paths=paths)
+                             port=backend_port or free_port(), load_paths=paths,
+                             uds=str(uds), internal_key=secrets.token_urlsafe(24))
     for level, note in notes:
         log.log(level, note)
     log.info("selected profile %s (%s): %s; rank limit %s", profile.name, profile.id,
@@ -269,14 +276,30 @@ GATEWAY_SERVER_OPTIONS: dict[str, Any] = {
     "http": HeaderDeadlineProtocol, "interface": "asgi3"}
 
 
-def proxy_client(base_url: str, *, headers: dict[str, str] | None = None) -> Upstream:
+def private_folder() -> Path:
+    """A new folder only this user may enter (mode 0700), for the backend's socket."""
+    return Path(tempfile.mkdtemp(prefix="lora-entrypoint-"))
+
+
+def proxy_client(base_url: str, *, headers: dict[str, str] | None = None,
+                 uds: str | None = None) -> Upstream:
     """The gateway's client to the backend: pooled keep-alive connections, long reads."""
-    return Upstream(base_url, read_timeout=600.0, connect_timeout=5.0, headers=headers)
+    return Upstream(base_url, read_timeout=600.0, connect_timeout=5.0, headers=headers, uds=uds)
+
+
+def admin_client(plan: LaunchPlan, timeout: float) -> httpx.AsyncClient:
+    """The entrypoint's own client to the backend (probes, lists, loads, unloads)."""
+    return httpx.AsyncClient(
+        base_url=plan.backend_url, headers=backend_headers(plan),
+        transport=httpx.AsyncHTTPTransport(uds=plan.uds) if plan.uds else None,
+        timeout=httpx.Timeout(timeout, connect=5.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+    )
 
 
 def backend_headers(plan: LaunchPlan) -> dict[str, str]:
-    """Headers for every call to the backend: its API key, when it requires one."""
-    return {"Authorization": f"Bearer {plan.api_keys[0]}"} if plan.api_keys else {}
+    """Headers for every call to the backend: its key, when it requires one."""
+    return {"Authorization": f"Bearer {plan.backend_key}"} if plan.backend_key else {}
 
 
 class _GatewayServer(uvicorn.Server):
@@ -313,14 +336,9 @@ class Service:
             self.plan.argv, self.plan.env, label=self.plan.backend.name,
             raw_logs=not self.settings.jsonl_logging, shown_argv=self.plan.shown_argv,
         )
-        backend_url = f"http://127.0.0.1:{self.plan.port}"
-        headers = backend_headers(self.plan)
-        self.client = httpx.AsyncClient(
-            base_url=backend_url, headers=headers,
-            timeout=httpx.Timeout(self.settings.peft_api_timeout_secs, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )
-        self.proxy_client = proxy_client(backend_url, headers=headers)
+        self.client = admin_client(self.plan, self.settings.peft_api_timeout_secs)
+        self.proxy_client = proxy_client(self.plan.backend_url, uds=self.plan.uds,
+                                         headers=backend_headers(self.plan))
         self.gateway = GatewayState(
             served_name=self.settings.served_name,
             backend=self.plan.backend,
@@ -568,12 +586,18 @@ def serve(
 ) -> int:
     """Resolve, then run until a signal or the backend's death. Returns the exit code."""
     snapshots = snapshot_store(settings)
-    startup = resolve(settings, backend_port=backend_port, snapshots=snapshots)
+    private = private_folder()
+    try:
+        startup = resolve(settings, backend_port=backend_port, snapshots=snapshots,
+                          private=private)
 
-    async def main() -> int:
-        return await Service(startup, host=host, on_ready=on_ready, snapshots=snapshots).run()
+        async def main() -> int:
+            return await Service(startup, host=host, on_ready=on_ready,
+                                 snapshots=snapshots).run()
 
-    return run_event_loop(main())
+        return run_event_loop(main())
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def run_event_loop(main: Coroutine[Any, Any, int]) -> int:

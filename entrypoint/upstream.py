@@ -24,8 +24,9 @@ class Upstream:
     """Pooled keep-alive connections to one backend; the session opens on first use."""
 
     def __init__(self, base_url: str, *, read_timeout: float = 600.0, connect_timeout: float = 5.0,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, uds: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.uds = uds  # the backend's Unix socket (None: TCP to `base_url`)
         self.headers = dict(headers or {})  # sent with every request (the backend's API key)
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                              sock_read=read_timeout)
@@ -38,7 +39,9 @@ class Upstream:
                 # Idle connections are dropped before the backend's own keep-alive timeout
                 # (uvicorn's 5 s in vLLM and SGLang): reusing one it has just closed answered
                 # a burst of clients with 502s (benchmarks/gateway.py, 32 streams).
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECS),
+                connector=aiohttp.UnixConnector(self.uds, limit=0,
+                                                keepalive_timeout=KEEPALIVE_SECS)
+                if self.uds else aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECS),
                 timeout=self.timeout,
                 auto_decompress=False,
                 headers=self.headers,

@@ -194,3 +194,43 @@ def test_sglang_api_key_comes_from_its_flag(monkeypatch, tiny_model, source, fak
     plan = plan_for(monkeypatch, tiny_model, source, profile="sglang-bf16-tp1-pp1-feat_lora",
                     NIM_PASSTHROUGH_ARGS="--api-key s1")
     assert plan.api_keys == ("s1",)
+
+
+SGLANG_LORA = "sglang-bf16-tp1-pp1-feat_lora"
+
+
+def closed_plan(monkeypatch, tiny_model, source, profile, **env):
+    monkeypatch.setenv("NIM_MODEL_NAME", str(tiny_model))
+    monkeypatch.setenv("NIM_SERVED_MODEL_NAME", "tiny")
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(source))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    chosen = find_profile(load_profiles(), profile)
+    adapters, limit = judge_adapters(settings, plan_backend(settings, chosen))
+    return build_launch_plan(settings, chosen, list(adapters), limit=limit, port=9999,
+                             python="python", uds="/run/x/vllm.sock", internal_key="k-internal")
+
+
+def test_vllm_listens_only_on_a_unix_socket(monkeypatch, tiny_model, source):
+    plan = closed_plan(monkeypatch, tiny_model, source, CPU_LORA)
+    assert flag(plan.argv, "--uds") == "/run/x/vllm.sock"
+    assert "--port" not in plan.argv and "--host" not in plan.argv
+    assert (plan.uds, plan.backend_url, plan.backend_key) == (
+        "/run/x/vllm.sock", "http://backend", None)
+    keyed = closed_plan(monkeypatch, tiny_model, source, CPU_LORA, VLLM_API_KEY="user-key")
+    assert keyed.backend_key == "user-key" and keyed.api_keys == ("user-key",)
+
+
+def test_sglang_on_its_port_requires_a_key_the_entrypoint_made(monkeypatch, tiny_model,
+                                                              source, fake_gpus):
+    fake_gpus("1xH100")
+    plan = closed_plan(monkeypatch, tiny_model, source, SGLANG_LORA)
+    assert plan.uds is None and plan.backend_url == "http://127.0.0.1:9999"
+    assert flag(plan.argv, "--api-key") == "k-internal" == plan.backend_key
+    assert plan.api_keys == ()  # the public port stays open: the key is the entrypoint's own
+    assert "k-internal" not in " ".join(plan.shown_argv)
+    user = closed_plan(monkeypatch, tiny_model, source, SGLANG_LORA,
+                       NIM_PASSTHROUGH_ARGS="--api-key theirs")
+    assert user.argv.count("--api-key") == 1 and flag(user.argv, "--api-key") == "theirs"
+    assert user.backend_key == "theirs" and user.api_keys == ("theirs",)

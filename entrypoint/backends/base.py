@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import importlib.metadata
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -55,6 +55,11 @@ class StartSpec:
     dynamic: bool
     #: target modules of each valid adapter present at start (SGLang derives its pool from them)
     adapter_modules: tuple[tuple[str, ...], ...] = ()
+    #: listen on this Unix socket instead of `host`:`port` (engines with `unix_socket`)
+    uds: str | None = None
+    #: a key the engine must require of every caller but its health and metrics routes (made
+    #: by the entrypoint for an engine on a TCP port when the user set none)
+    api_key: str | None = field(default=None, repr=False)
 
 
 class Backend(ABC):
@@ -73,6 +78,9 @@ class Backend(ABC):
     reports_lora_requests: ClassVar[bool] = False
     #: Python distributions that provide the engine, in order of preference
     packages: ClassVar[tuple[str, ...]] = ()
+    #: the engine can listen on a Unix socket (then nothing on the host but the entrypoint,
+    #: and its own user, can reach it); else it listens on loopback and requires a key
+    unix_socket: ClassVar[bool] = False
 
     @abstractmethod
     def argv(

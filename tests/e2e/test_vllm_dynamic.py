@@ -6,7 +6,6 @@ import re
 import shutil
 import time
 
-import httpx
 import openai
 import pytest
 
@@ -115,15 +114,15 @@ def test_chat_and_streaming_through_the_public_port(server):
 
 
 def test_adapter_unloaded_behind_our_back_is_loaded_again(server, own):
-    backend = f"http://127.0.0.1:{server.backend_port()}"
+    backend = server.backend()
     name = own.add("alpha")
     server.wait_served(name)
     answer = server.complete(name)
-    reply = httpx.post(f"{backend}/v1/unload_lora_adapter", json={"lora_name": name})
+    reply = backend.post("/v1/unload_lora_adapter", json={"lora_name": name})
     assert reply.status_code == 200
 
     def in_vllm() -> set[str]:
-        return {m["id"] for m in httpx.get(f"{backend}/v1/models").json()["data"]}
+        return {m["id"] for m in backend.get("/v1/models").json()["data"]}
 
     server.wait_for(lambda: name in in_vllm(), what=f"{name} reloaded")
     assert server.complete(name) == answer

@@ -147,17 +147,17 @@ def test_a_retry_vllm_no_longer_needs_settles(server, shim, own):
     no retry to come (the chaos run waited 90 s for it)."""
     name = own.add("beta")
     server.wait_served(name)
-    vllm = f"http://127.0.0.1:{server.backend_port()}"
-    path = next(card["root"] for card in httpx.get(vllm + "/v1/models").json()["data"]
+    vllm = server.backend()
+    path = next(card["root"] for card in vllm.get("/v1/models").json()["data"]
                 if card["id"] == name)
     before = len(shim.calls(LOAD, name))
     shim.fail(LOAD, times=3, status=500, lora_name=name)
-    httpx.post(vllm + UNLOAD, json={"lora_name": name}).raise_for_status()
+    vllm.post(UNLOAD, json={"lora_name": name}).raise_for_status()
     wait_until(lambda: [c.get("status") for c in shim.calls(LOAD, name)[before:]],
                lambda statuses: statuses == [500, 500, 500], timeout=15,
                what=f"three failed loads of {name}")
     # its next retry is 2 s away; the load lands meanwhile, not through the service
-    httpx.post(vllm + LOAD, json={"lora_name": name, "lora_path": path}).raise_for_status()
+    vllm.post(LOAD, json={"lora_name": name, "lora_path": path}).raise_for_status()
     server.wait_adapters(lambda adapters: adapters[name]["state"] == "ready"
                          and not adapters[name]["reason"], timeout=10,
                          what=f"{name} settled", only=[name])

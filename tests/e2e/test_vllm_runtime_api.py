@@ -18,7 +18,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import copy_adapter
-from tests.e2e.server import Reusable, holds, make_source, tiny_env
+from tests.e2e.server import (
+    Reusable,
+    descendants,
+    find_backend,
+    holds,
+    listening_ports,
+    make_source,
+    tiny_env,
+)
 
 pytestmark = pytest.mark.e2e
 KEY = "fleet-key"
@@ -73,7 +81,8 @@ def listed(api: httpx.Client) -> dict[str, dict]:
 
 def backend_listed(server) -> set[str]:
     """What vLLM itself holds (its own port, with the key it requires)."""
-    reply = httpx.get(f"http://127.0.0.1:{server.backend_port()}/v1/models", headers=AUTH)
+    with server.backend(headers=AUTH) as vllm:
+        reply = vllm.get("/v1/models")
     return {card["id"] for card in reply.json()["data"]}
 
 
@@ -234,6 +243,29 @@ def test_metrics_show_lora_series_with_public_names_while_a_stream_runs(server, 
         api.post("/v1/unload_lora_adapter", json={"lora_name": busy})
         shutil.rmtree(source / idle)
         server.wait_unlisted([idle, busy], timeout=60, headers=AUTH)
+
+
+def test_nothing_on_the_host_but_the_entrypoint_reaches_vllm(server):
+    """vLLM 0.32 guards only its /v1 routes with the key: SageMaker's `POST /adapters` on its
+    loopback port loaded an adapter under a served name without one, and a public request was
+    answered with those weights. vLLM now listens on a Unix socket in a folder only the
+    entrypoint's user may enter, and on no TCP port that answers HTTP."""
+    import stat
+
+    vllm = find_backend(server.process.pid)
+    started = next(line for line in server.logs().splitlines() if "starting vllm:" in line)
+    assert " --uds " in started and " --port " not in started
+    for port in listening_ports([vllm, *descendants(vllm)]):  # its engine's own: no HTTP
+        try:
+            reply = httpx.post(f"http://127.0.0.1:{port}/adapters", timeout=2, json={})
+        except httpx.HTTPError:
+            continue
+        raise AssertionError(f"port {port} answers HTTP: {reply.status_code} {reply.text}")
+    socket_path = Path(server.backend_socket())
+    assert stat.S_ISSOCK(socket_path.stat().st_mode)
+    assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
+    with server.backend(headers=AUTH) as direct:  # this user, through the socket: vLLM
+        assert "ref-alpha" in {card["id"] for card in direct.get("/v1/models").json()["data"]}
 
 
 def test_user_routes_are_forwarded_and_admin_routes_stay_closed(server, api):
