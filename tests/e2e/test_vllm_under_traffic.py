@@ -107,3 +107,31 @@ def test_swaps_and_removal_under_traffic_keep_the_engine_alive(server, source, l
     logs = server.logs()
     assert "FileNotFoundError" not in logs and "died" not in logs and "Traceback" not in logs
     assert not any(name.startswith("busy-x") for name in server.snapshots())
+
+
+def test_clients_that_hang_up_on_plain_requests_leave_vllm_idle(server):
+    """Only streams used to watch for the client going away: 8 non-streamed requests (n 8,
+    480 tokens) whose clients left kept vLLM generating 16.8 s after."""
+    import httpx
+
+    body = {"model": "busy-y", "prompt": "Tell me a long story", "max_tokens": 480, "n": 8,
+            "temperature": 1.0, "ignore_eos": True}
+
+    def hang_up() -> None:
+        try:
+            httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+        except httpx.TimeoutException:
+            return  # the client leaves
+        raise AssertionError("a 480-token answer came within 1.5 s")
+
+    threads = [threading.Thread(target=hang_up) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    left = time.monotonic()
+    server.wait_for(lambda: server.metric("vllm:num_requests_running") == 0
+                    and server.metric("vllm:num_requests_waiting") == 0, timeout=60,
+                    what="vLLM idle after its clients left")
+    idle_after = time.monotonic() - left
+    assert idle_after < 5, f"vLLM kept generating {idle_after:.1f} s after its clients left"
