@@ -135,10 +135,8 @@ class AdapterAPI:
         if record is not None and record.servable and not replace:
             return Answer.error(400, f"The lora adapter '{name}' has already been loaded. If you "
                                 "want to load the adapter in place, set 'load_inplace' to True.")
-        if name not in intent.loaded and len(intent.loaded) >= self.max_adapters:
-            return Answer.error(400, f"This server already serves {len(intent.loaded)} adapters "
-                                "loaded through the API, its limit (NIM_PEFT_API_MAX_ADAPTERS); "
-                                "unload one first, or raise the limit.")
+        if (full := self._full(name)) is not None:
+            return full
         folder = await asyncio.to_thread(
             inspect_folder, path, limit=self.reconciler.scanner.limit,
             served_name=self.served_name, name=name, complete=True)
@@ -154,6 +152,8 @@ class AdapterAPI:
                            "to serve it")
             return Answer.error(400, f"Adapter '{name}' at {display_name(str(path))} cannot be "
                                 f"loaded: {problem}.")
+        if (full := self._full(name)) is not None:  # (loads of other names ran meanwhile)
+            return full
         previous = intent.loaded.get(name)
         intent.loaded[name] = path
         if (unsaved := self._keep(lambda: self._put_back(name, previous))) is not None:
@@ -172,6 +172,17 @@ class AdapterAPI:
         transient = record is None or record.state is State.PENDING
         return Answer.error(503 if transient else 400,
                             f"Adapter '{name}' was not loaded: {reason}.")
+
+    def _full(self, name: str) -> Answer | None:
+        """The refusal of a new name once NIM_PEFT_API_MAX_ADAPTERS are loaded through the API.
+        Checked again right before the intent changes: calls for other names run in parallel."""
+        assert self.reconciler is not None
+        loaded = self.reconciler.intent.loaded
+        if name in loaded or len(loaded) < self.max_adapters:
+            return None
+        return Answer.error(400, f"This server already serves {len(loaded)} adapters loaded "
+                            "through the API, its limit (NIM_PEFT_API_MAX_ADAPTERS); unload one "
+                            "first, or raise the limit.")
 
     async def _load_own_folder(self, name: str, path: Path) -> Answer:
         """`name` is a folder under NIM_PEFT_SOURCE: loading it from its own folder undoes an

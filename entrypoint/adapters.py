@@ -581,12 +581,8 @@ def outside_roots(path: str, roots: Sequence[Path],
     filesystem outside the allowed folders from it."""
     real = resolved(path)
     shown = display_name(path)
-    if real is None:
-        return f"{shown} cannot be resolved (a link on the way cannot be read), so it is not in " \
-               f"{where}"
-    if not within(real, roots):
-        return f"{shown} is outside {where}" if real == path else \
-            f"{shown} leads outside {where}"
+    if real is None or not within(real, roots):  # (one answer: whether it is a link, or
+        return f"{shown} is not in {where}"      # one that cannot be read, is not told)
     try:
         with os.scandir(real) as it:
             links = [entry for entry in it if entry.is_symlink()]

@@ -29,7 +29,7 @@ from .adapters import (
 from .backends import Backend, Outcome, Reply
 from .intent import Intent
 from .metrics import Metrics
-from .registry import AdapterRecord, AdapterState, Registry, State, Traffic
+from .registry import RETRY_BASE_SECS, AdapterRecord, AdapterState, Registry, State, Traffic
 from .s3 import S3Scanner, S3Url
 from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
 
@@ -536,12 +536,14 @@ class Reconciler:
             return reply
 
     async def _load_back(self, name: str, previous: Path) -> None:
-        """The new version was not taken: the version served before serves on (a failure here
-        leaves it lost, which the next pass sees and restores)."""
+        """The new version was not taken: the version served before serves on. A failure here
+        leaves it lost; a pass is asked for after the first backoff, which sees it lost and
+        restores it (nothing else may be due to run one: found in review)."""
         back = await self._send_load(name, previous)
         if back.outcome is not Outcome.DONE:
             log.warning("adapter %s: the previous version could not be loaded back (%s); "
-                        "retrying", name, back.message)
+                        "retrying in %.1f s", name, back.message, RETRY_BASE_SECS)
+            asyncio.get_running_loop().call_later(RETRY_BASE_SECS, self._wake)
 
     async def _landed_late(self, name: str, path: Path) -> bool:
         """A load whose answer never came (a timeout) may still happen in the backend; were the

@@ -228,7 +228,7 @@ def test_an_api_adapter_whose_folder_leaves_the_allowed_folders_keeps_its_served
         os.symlink(world.outside / "a1", world.allowed / "a1")
         await world.settle()
         record = world.registry.get("sql")
-        assert record.servable and "outside the folders" in record.reason
+        assert record.servable and "is not in the folders" in record.reason
         world.start()  # after a restart it is not loaded from there
         world.backend.served.clear()
         await world.settle()
@@ -448,5 +448,21 @@ def test_the_api_may_load_so_many_adapters_and_identical_files_are_stored_once(
         assert (await world.api.load("copy-30", str(world.allowed / "same"))).ok
         served = world.backend.served
         assert len(served) == 30 and all(os.path.isdir(path) for path in served.values())
+
+    asyncio.run(scenario())
+
+
+def test_parallel_loads_of_new_names_never_pass_the_api_limit(world, library):
+    """Calls for different names run in parallel: each may pass the first check while the
+    others inspect their folders; the limit is checked again before the intent changes."""
+    world.api.max_adapters = 3
+    copy_adapter(library / "alpha", world.allowed / "same")
+
+    async def scenario():
+        answers = await asyncio.gather(*[
+            world.api.load(f"par-{i}", str(world.allowed / "same")) for i in range(8)])
+        assert sum(answer.ok for answer in answers) == 3, answers
+        assert all("NIM_PEFT_API_MAX_ADAPTERS" in a.message for a in answers if not a.ok)
+        assert len(world.kept()["loaded"]) == 3 and len(world.backend.served) == 3
 
     asyncio.run(scenario())

@@ -338,6 +338,47 @@ def test_new_weights_the_backend_refuses_leave_the_previous_version_served(setup
     asyncio.run(scenario())
 
 
+def test_a_previous_version_that_cannot_be_loaded_back_is_restored_by_a_pass_of_its_own(
+        setup, library, tmp_path, monkeypatch):
+    """The new version is refused and loading the previous one back fails too: the backend
+    holds nothing under the name. No event will come, so the reconciler asks for a pass itself,
+    which loads the previous version again."""
+    monkeypatch.setattr(reconciler_module, "RETRY_BASE_SECS", 0.05)
+    source, backend, registry, reconciler = setup
+    with_snapshots(tmp_path, reconciler, grace=60)  # (no deletion due to wake it meanwhile)
+    plain_load = backend.load
+    loads: list[str] = []
+    passes: list[asyncio.Task[None]] = []
+    reconciler._wake = lambda: passes.append(asyncio.ensure_future(settle(reconciler)))
+
+    async def refuse_twice(client, name, path):
+        loads.append(str(path))
+        if len(loads) == 1:
+            return Reply(Outcome.REFUSED, "size mismatch for lora_B")
+        if len(loads) == 2:
+            return Reply(Outcome.TRANSIENT, "ConnectError")
+        return await plain_load(client, name, path)
+
+    async def scenario():
+        copy_adapter(library / "alpha", source / "alpha")
+        await settle(reconciler)
+        first = registry.get("alpha").loaded_path
+        backend.load = refuse_twice
+        (source / "alpha" / "adapter_model.safetensors").write_bytes(
+            (library / "beta" / "adapter_model.safetensors").read_bytes())
+        await settle(reconciler)
+        assert "alpha" not in backend.served and len(loads) == 2
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if "alpha" in backend.served:
+                break
+        await asyncio.gather(*passes)
+        assert backend.served["alpha"] == str(first) == loads[-1]
+        assert registry.get("alpha").servable and registry.get("alpha").loaded_path == first
+
+    asyncio.run(scenario())
+
+
 def test_removal_drains_unloads_then_deletes_the_snapshot_after_its_grace(setup, library,
                                                                           tmp_path):
     source, backend, registry, reconciler = setup

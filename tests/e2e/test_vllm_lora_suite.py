@@ -11,8 +11,8 @@ adapters are 400s where vLLM 0.32 answers 500) the case says so, and docs/operat
 from __future__ import annotations
 
 import asyncio
-import re
 import json
+import re
 import shutil
 from contextlib import suppress
 from pathlib import Path
