@@ -37,12 +37,17 @@ BODY = {"model": "alpha", "prompt": "Hello", "max_tokens": 1, "temperature": 0}
 def serve_gateway(upstream: str, port: int) -> None:
     import uvicorn
 
-    from entrypoint import service
     from entrypoint.backends.vllm import VLLMBackend
-    from entrypoint.gateway import GatewayState, build_app
+    from entrypoint.gateway.app import GatewayState, build_app
     from entrypoint.metrics import Metrics
-    from entrypoint.registry import AdapterRecord, Registry, State
-    from entrypoint.service import GATEWAY_SERVER_OPTIONS, _GatewayServer, listen, proxy_client
+    from entrypoint.reconcile.registry import AdapterRecord, Registry, State
+    from entrypoint.runtime import service
+    from entrypoint.runtime.service import (
+        GATEWAY_SERVER_OPTIONS,
+        _GatewayServer,
+        listen,
+        proxy_client,
+    )
 
     run_event_loop = getattr(service, "run_event_loop", asyncio.run)  # (older trees: asyncio)
 
@@ -302,7 +307,7 @@ def standin_run(args: argparse.Namespace) -> dict:
 
 
 def vllm_run(args: argparse.Namespace) -> dict:
-    from entrypoint.demo import build_adapter, build_base_model
+    from lora_demo import build_adapter, build_base_model
     from tests.e2e.server import Server
 
     assets = ROOT / ".cache" / "test-assets"
@@ -337,9 +342,9 @@ def start_run(args: argparse.Namespace) -> dict:
     """`serve` to `/v1/health/ready` against the same vLLM command (the launch plan's argv and
     environment) started bare to its `/health`, alternating, static and dynamic, with 100
     adapters present."""
-    from entrypoint.demo import build_adapter, build_base_model
-    from entrypoint.service import resolve
-    from entrypoint.settings import load_settings
+    from entrypoint.config.settings import load_settings
+    from entrypoint.runtime.service import resolve
+    from lora_demo import build_adapter, build_base_model
     from tests.e2e.server import Server, clean_env
 
     assets = ROOT / ".cache" / "test-assets"

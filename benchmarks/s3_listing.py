@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.fixtures import make_synthetic_adapters
-from entrypoint.s3 import S3Scanner, S3Url, first_scan
+from entrypoint.sources.s3 import S3Scanner, S3Url, first_scan
 from tests.s3store import S3Store
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from entrypoint.demo import WIDE, build_adapter, build_base_model
+from lora_demo import WIDE, build_adapter, build_base_model
 from tests.e2e.server import Server, clean_env, descendants, free_port
 from tests.opens import OpenCounter
 

@@ -1,6 +1,6 @@
 """`python -m entrypoint` is the `lora-entrypoint` command."""
 
-from .cli import main
+from entrypoint.cli import main
 
 if __name__ == "__main__":
     main()

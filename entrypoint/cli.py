@@ -17,8 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .logs import setup_logging
-from .settings import ConfigError, Settings, load_settings
+from entrypoint.config.settings import ConfigError, Settings, load_settings
+from entrypoint.logs import setup_logging
 
 EXIT_CONFIG = 2
 
@@ -49,7 +49,7 @@ def _run_service(
     backend_port: int | None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    from .service import serve as run_serve
+    from entrypoint.runtime.service import serve as run_serve
 
     setup_logging(settings.log_level, jsonl=settings.jsonl_logging)
     try:
@@ -87,7 +87,7 @@ def serve(
         peft_refresh_interval=refresh_interval, model_profile=profile,
     )
     if dry_run:
-        from .service import resolve
+        from entrypoint.runtime.service import resolve
 
         setup_logging(settings.log_level, jsonl=settings.jsonl_logging)
         try:
@@ -113,8 +113,8 @@ def list_model_profiles(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
     """Print the GPUs, then every profile in NIM's groups, marking the one that would be chosen."""
-    from .hardware import detect_gpus
-    from .profiles import assess_all, load_profiles, model_parameters
+    from entrypoint.config.hardware import detect_gpus
+    from entrypoint.config.profiles import assess_all, load_profiles, model_parameters
 
     settings = _settings(need_model=False)
     try:
@@ -175,8 +175,8 @@ def check_adapters(
     The rank limit is the one `serve` would use with these folders: NIM_MAX_LORA_RANK, or
     derived from them for the backend of the profile `serve` would choose.
     """
-    from .launch import plan_backend
-    from .service import choose_profile, judge_adapters, kept_intent
+    from entrypoint.runtime.launch import plan_backend
+    from entrypoint.runtime.service import choose_profile, judge_adapters, kept_intent
 
     settings = _settings(need_model=False, peft_source=folder)
     if settings.peft_source is None:
@@ -211,7 +211,7 @@ def check_adapters(
 @app.command("config-reference", hidden=True)
 def config_reference() -> None:
     """Print docs/configuration.md, generated from the settings class."""
-    from .settings import configuration_reference
+    from entrypoint.config.settings import configuration_reference
 
     typer.echo(configuration_reference(), nl=False)
 
@@ -241,9 +241,14 @@ def demo(
     NIM_PEFT_SOURCE=<loras> lora-entrypoint serve.
     """
     cache = Path(os.environ.get("NIM_CACHE_PATH", ".cache")).resolve()
+    try:  # the demo trains a model: it ships beside the runtime package, not in it
+        from lora_demo import DEMO_ADAPTERS, DEMO_BASE_ANSWER, DemoBuildError, build_demo
+    except ImportError as exc:
+        fail(f"the demo is not installed here ({exc}); run `make demo` in a clone of "
+             "lora-entrypoint")
+        return
     typer.echo(f"building the demo model and adapters under {cache / 'demo'} (once) ...",
                err=build_only)
-    from .demo import DEMO_ADAPTERS, DEMO_BASE_ANSWER, DemoBuildError, build_demo
 
     try:
         assets = build_demo(cache / "demo")

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .adapters import (
+from entrypoint.adapters.folder import (
     CONFIG_FILE,
     WEIGHT_FILES,
     AdapterFolder,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.demo import build_adapter, build_base_model
+from lora_demo import build_adapter, build_base_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("LORA_TEST_ASSETS", ROOT / ".cache" / "test-assets"))

@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from entrypoint.adapter_api import AdapterAPI
-from entrypoint.adapters import Origin, RankLimit, inspect_folder
-from entrypoint.intent import Intent
-from entrypoint.reconcile import Reconciler
-from entrypoint.registry import Registry, State
+from entrypoint.adapters.folder import Origin, RankLimit, inspect_folder
+from entrypoint.gateway.api import AdapterAPI
+from entrypoint.reconcile.reconciler import Reconciler
+from entrypoint.reconcile.registry import Registry, State
 from entrypoint.snapshots import SnapshotRefused, SnapshotStore
+from entrypoint.sources.intent import Intent
 from tests.conftest import copy_adapter, edit_config
 from tests.test_reconcile import ScriptedBackend
 
@@ -364,8 +364,8 @@ def test_a_decision_that_cannot_be_kept_is_not_taken(world, library, tmp_path):
 def test_api_bodies_that_are_not_a_json_object_get_a_400_in_either_form(world):
     """(An API call's body is a name and a path: 64 KiB at most.)"""
     from entrypoint.backends.vllm import VLLMBackend
-    from entrypoint.gateway import MAX_API_BODY_BYTES, GatewayState, build_app
-    from entrypoint.upstream import Upstream
+    from entrypoint.gateway.app import MAX_API_BODY_BYTES, GatewayState, build_app
+    from entrypoint.gateway.upstream import Upstream
 
     state = GatewayState(served_name="tiny", backend=VLLMBackend(), registry=world.registry,
                          client=Upstream("http://127.0.0.1:9"), api=world.api)

@@ -23,16 +23,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from entrypoint import reconcile as reconcile_module
-from entrypoint import registry as registry_module
-from entrypoint.adapter_api import AdapterAPI
-from entrypoint.adapters import RankLimit, inspect_folder
+from entrypoint.adapters.folder import RankLimit, inspect_folder
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
-from entrypoint.intent import Intent
-from entrypoint.reconcile import Reconciler
-from entrypoint.registry import Registry, State
+from entrypoint.gateway.api import AdapterAPI
+from entrypoint.reconcile import reconciler as reconcile_module
+from entrypoint.reconcile import registry as registry_module
+from entrypoint.reconcile.reconciler import Reconciler
+from entrypoint.reconcile.registry import Registry, State
 from entrypoint.snapshots import SnapshotStore
+from entrypoint.sources.intent import Intent
 from tests.chaos_ops import CONFIG, FOLDER_CHANGES, WEIGHTS, change_folder
 
 NAMES = ("c-one", "c-two", "c-three", "c-four", "c-five")

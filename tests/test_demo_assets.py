@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.demo import (
+from lora_demo import (
     CORPUS,
     DEMO_ADAPTERS,
     DEMO_BASE_ANSWER,

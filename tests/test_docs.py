@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from entrypoint.settings import Settings, configuration_reference, env_name
+from entrypoint.config.settings import Settings, configuration_reference, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,8 +15,7 @@ import pytest
 
 from entrypoint.backends.sglang import SGLangBackend
 from entrypoint.backends.vllm import VLLMBackend
-from entrypoint.bodies import read_facts, renamed
-from entrypoint.gateway import (
+from entrypoint.gateway.app import (
     MAX_BODY_BYTES,
     GatewayState,
     Refusal,
@@ -24,10 +23,11 @@ from entrypoint.gateway import (
     build_app,
     resolve,
 )
+from entrypoint.gateway.bodies import read_facts, renamed
+from entrypoint.gateway.upstream import Upstream
 from entrypoint.logs import JSONLineFormatter
 from entrypoint.metrics import Metrics
-from entrypoint.registry import AdapterRecord, Registry, State
-from entrypoint.upstream import Upstream
+from entrypoint.reconcile.registry import AdapterRecord, Registry, State
 from tests.e2e.server import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,7 +241,7 @@ def test_public_socket_disables_nagle():
     """Without TCP_NODELAY a keep-alive client waited 40 ms (delayed ACK) for every answer."""
     import socket
 
-    from entrypoint.service import listen
+    from entrypoint.runtime.service import listen
 
     sock = listen("127.0.0.1", free_port())
     try:
@@ -431,7 +431,7 @@ def test_a_request_held_at_the_gate_is_served_or_refused_when_it_opens(upstream,
     (True, True), (1, True), ("true", True), ("yes", True), ("On", True), (False, False),
     (0, False), ("no", False), (None, False), (2, False), ([], False), (1.0, False)])
 def test_load_inplace_is_read_as_vllm_reads_it(value, expected):
-    from entrypoint.gateway import _lax_bool
+    from entrypoint.gateway.app import _lax_bool
 
     assert _lax_bool(value) is expected
 
@@ -478,7 +478,7 @@ class LiveGateway:
 
         import uvicorn
 
-        from entrypoint.service import GATEWAY_SERVER_OPTIONS, _GatewayServer
+        from entrypoint.runtime.service import GATEWAY_SERVER_OPTIONS, _GatewayServer
 
         self.state = state
         self.port = free_port()
@@ -619,7 +619,7 @@ def test_repeated_headers_are_read_as_vllm_reads_them(upstream):
 def test_request_headers_that_trickle_in_are_cut_off(live, monkeypatch):
     import socket
 
-    from entrypoint.http_server import HeaderDeadlineProtocol
+    from entrypoint.gateway.http import HeaderDeadlineProtocol
 
     monkeypatch.setattr(HeaderDeadlineProtocol, "header_timeout", 0.5)
     with socket.create_connection(("127.0.0.1", live.port)) as slow, \

@@ -1,6 +1,6 @@
 import pytest
 
-from entrypoint.hardware import GPU, detect_gpus, parse_smi, visible
+from entrypoint.config.hardware import GPU, detect_gpus, parse_smi, visible
 from tests.conftest import INVENTORIES, smi_rows
 
 

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.launch import build_launch_plan, plan_backend
-from entrypoint.profiles import find_profile, load_profiles
-from entrypoint.service import judge_adapters
-from entrypoint.settings import ConfigError, load_settings
+from entrypoint.config.profiles import find_profile, load_profiles
+from entrypoint.config.settings import ConfigError, load_settings
+from entrypoint.runtime.launch import build_launch_plan, plan_backend
+from entrypoint.runtime.service import judge_adapters
 from tests.conftest import copy_adapter, edit_config
 
 CPU_LORA = "vllm-cpu-bf16-tp1-pp1-feat_lora"

@@ -4,15 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.hardware import parse_smi
-from entrypoint.profiles import (
+from entrypoint.config.hardware import parse_smi
+from entrypoint.config.profiles import (
     assess_all,
     find_profile,
     load_profiles,
     model_parameters,
     select_profile,
 )
-from entrypoint.settings import ConfigError
+from entrypoint.config.settings import ConfigError
 from tests.conftest import INVENTORIES, smi_rows
 
 
@@ -155,12 +155,13 @@ def test_profiles_ship_in_the_wheel(tmp_path):
                     "-q", "-w", str(tmp_path), str(root)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("lora_entrypoint-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("entrypoint/builtin_profiles/")}
-    expected = {p.name for p in (root / "entrypoint" / "builtin_profiles").glob("*.yaml")}
+    folder = "entrypoint/config/builtin_profiles"
+    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith(folder + "/")}
+    expected = {p.name for p in (root / folder).glob("*.yaml")}
     assert shipped == expected and len(shipped) >= 30
     # and they load from there: unpack the wheel alone on sys.path
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    code = ("import entrypoint.profiles as p; print(p.__file__); "
+    code = ("import entrypoint.config.profiles as p; print(p.__file__); "
             "print(len(p.load_profiles()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")})

@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from entrypoint import reconcile as reconciler_module
-from entrypoint.adapters import RankLimit
+from entrypoint.adapters.folder import RankLimit
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
-from entrypoint.reconcile import Reconciler
-from entrypoint.registry import Registry, State
+from entrypoint.reconcile import reconciler as reconciler_module
+from entrypoint.reconcile.reconciler import Reconciler
+from entrypoint.reconcile.registry import Registry, State
 from tests.conftest import copy_adapter
 
 

@@ -2,8 +2,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from entrypoint.adapters import AdapterFolder
-from entrypoint.registry import Registry, State, Traffic
+from entrypoint.adapters.folder import AdapterFolder
+from entrypoint.reconcile.registry import Registry, State, Traffic
 
 
 def folder(version: str, *, problem: str | None = None, pending: bool = False) -> AdapterFolder:

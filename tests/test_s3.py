@@ -12,10 +12,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from entrypoint import s3
-from entrypoint.adapters import CONFIG_FILE, inspect_folder
-from entrypoint.s3 import S3Scanner, S3Url
-from entrypoint.settings import ConfigError, load_settings
+from entrypoint.adapters.folder import CONFIG_FILE, inspect_folder
+from entrypoint.config.settings import ConfigError, load_settings
+from entrypoint.sources import s3
+from entrypoint.sources.s3 import S3Scanner, S3Url
 from tests.e2e.server import BIN, clean_env
 
 WEIGHTS = "adapter_model.safetensors"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from entrypoint.service import ADAPTER_LOOP, Service, resolve
-from entrypoint.settings import load_settings
-from entrypoint.tasks import ServiceTasks
+from entrypoint.config.settings import load_settings
+from entrypoint.runtime.service import ADAPTER_LOOP, Service, resolve
+from entrypoint.runtime.tasks import ServiceTasks
 from tests.conftest import copy_adapter
 
 

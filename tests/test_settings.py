@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.settings import ConfigError, load_settings
+from entrypoint.config.settings import ConfigError, load_settings
 
 
 @pytest.fixture

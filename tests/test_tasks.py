@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from entrypoint import tasks as tasks_module
-from entrypoint.tasks import ServiceTasks
+from entrypoint.runtime import tasks as tasks_module
+from entrypoint.runtime.tasks import ServiceTasks
 
 
 def test_a_failing_loop_is_logged_restarted_and_not_alive_meanwhile(caplog):

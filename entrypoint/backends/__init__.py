@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Backend, Outcome, Reply, StartSpec
-from .sglang import SGLangBackend
-from .vllm import VLLMBackend
+from entrypoint.backends.base import Backend, Outcome, Reply, StartSpec
+from entrypoint.backends.sglang import SGLangBackend
+from entrypoint.backends.vllm import VLLMBackend
 
 BACKENDS: dict[str, type[Backend]] = {"vllm": VLLMBackend, "sglang": SGLangBackend}
 

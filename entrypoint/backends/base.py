@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, ClassVar
 import httpx
 
 if TYPE_CHECKING:
-    from ..profiles import Profile
-    from ..settings import Settings
+    from entrypoint.config.profiles import Profile
+    from entrypoint.config.settings import Settings
 
 
 class Outcome(enum.Enum):

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import httpx
 
-from ..settings import ConfigError
-from .base import Backend, Outcome, Reply, StartSpec, transient
+from entrypoint.backends.base import Backend, Outcome, Reply, StartSpec, transient
+from entrypoint.config.settings import ConfigError
 
 if TYPE_CHECKING:
-    from ..profiles import Profile
-    from ..settings import Settings
+    from entrypoint.config.profiles import Profile
+    from entrypoint.config.settings import Settings
 
 #: module names `--lora-target-modules` accepts
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",

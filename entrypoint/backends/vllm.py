@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import httpx
 
-from ..settings import ConfigError
-from .base import Backend, Outcome, Reply, StartSpec, transient
-from .vllm_plugin import PLUGIN_NAME
+from entrypoint.backends.base import Backend, Outcome, Reply, StartSpec, transient
+from entrypoint.backends.vllm_plugin import PLUGIN_NAME
+from entrypoint.config.settings import ConfigError
 
 if TYPE_CHECKING:
-    from ..profiles import Profile
-    from ..settings import Settings
+    from entrypoint.config.profiles import Profile
+    from entrypoint.config.settings import Settings
 
 SHUTDOWN_DRAIN_SECS = 15
 RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

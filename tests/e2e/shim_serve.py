@@ -21,9 +21,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from entrypoint.config.settings import load_settings
 from entrypoint.logs import setup_logging
-from entrypoint.service import Service, _GatewayServer, private_folder, resolve, snapshot_store
-from entrypoint.settings import load_settings
+from entrypoint.runtime.service import (
+    Service,
+    _GatewayServer,
+    private_folder,
+    resolve,
+    snapshot_store,
+)
 
 
 def build_shim(upstream: str, uds: str | None = None) -> Starlette:

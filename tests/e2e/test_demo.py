@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from entrypoint.demo import DEMO_ADAPTERS, DEMO_BASE_ANSWER
+from lora_demo import DEMO_ADAPTERS, DEMO_BASE_ANSWER
 from tests.conftest import ASSETS
 from tests.e2e.server import BIN, Server, wait_until
 

@@ -25,7 +25,7 @@ import httpx
 import openai
 import pytest
 
-from entrypoint.adapters import inspect_folder
+from entrypoint.adapters.folder import inspect_folder
 from tests.chaos_ops import CONFIG, FOLDER_CHANGES, WEIGHTS, change_folder
 from tests.e2e.server import free_port, make_source, tiny_env, wait_until
 

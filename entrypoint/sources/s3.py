@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .adapters import (
+from entrypoint.adapters.folder import (
     CONFIG_FILE,
     MAX_CONFIG_BYTES,
     WEIGHT_FILES,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from .adapters import (
+from entrypoint.adapters.folder import (
     AdapterFolder,
     AdapterScanner,
     Origin,
@@ -26,12 +26,19 @@ from .adapters import (
     list_folder,
     outside_roots,
 )
-from .backends import Backend, Outcome, Reply
-from .intent import Intent
-from .metrics import Metrics
-from .registry import RETRY_BASE_SECS, AdapterRecord, AdapterState, Registry, State, Traffic
-from .s3 import S3Scanner, S3Url
-from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
+from entrypoint.backends import Backend, Outcome, Reply
+from entrypoint.metrics import Metrics
+from entrypoint.reconcile.registry import (
+    RETRY_BASE_SECS,
+    AdapterRecord,
+    AdapterState,
+    Registry,
+    State,
+    Traffic,
+)
+from entrypoint.snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
+from entrypoint.sources.intent import Intent
+from entrypoint.sources.s3 import S3Scanner, S3Url
 
 log = logging.getLogger(__name__)
 

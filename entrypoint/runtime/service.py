@@ -25,26 +25,32 @@ from typing import Any
 import httpx
 import uvicorn
 
-from . import __version__
-from .adapter_api import AdapterAPI
-from .adapters import AdapterFolder, AdapterScanner, RankLimit, inspect_folder, outside_roots
-from .backends import Backend
-from .gateway import GatewayState, build_app
-from .hardware import detect_gpus
-from .http_server import HeaderDeadlineProtocol
-from .intent import Intent
-from .launch import LaunchPlan, build_launch_plan, plan_backend, rank_limit
-from .metrics import LoraRequestsInfo, Metrics
-from .profiles import Profile, load_profiles, model_parameters, select_profile
-from .reconcile import DRAIN_SECS, LATE_SWAP_WATCH_SECS, Reconciler
-from .registry import AdapterRecord, Registry, State, Traffic
-from .s3 import SETTLE_SECS, S3Error, S3Scanner, S3Url, first_scan, source_scanner
-from .settings import ConfigError, Settings
-from .snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
-from .supervisor import BackendProcess, become_subreaper, reap_orphans
-from .tasks import ServiceTasks
-from .upstream import Upstream
-from .watcher import FolderWatcher
+from entrypoint import __version__
+from entrypoint.adapters.folder import (
+    AdapterFolder,
+    AdapterScanner,
+    RankLimit,
+    inspect_folder,
+    outside_roots,
+)
+from entrypoint.backends import Backend
+from entrypoint.config.hardware import detect_gpus
+from entrypoint.config.profiles import Profile, load_profiles, model_parameters, select_profile
+from entrypoint.config.settings import ConfigError, Settings
+from entrypoint.gateway.api import AdapterAPI
+from entrypoint.gateway.app import GatewayState, build_app
+from entrypoint.gateway.http import HeaderDeadlineProtocol
+from entrypoint.gateway.upstream import Upstream
+from entrypoint.metrics import LoraRequestsInfo, Metrics
+from entrypoint.reconcile.reconciler import DRAIN_SECS, LATE_SWAP_WATCH_SECS, Reconciler
+from entrypoint.reconcile.registry import AdapterRecord, Registry, State, Traffic
+from entrypoint.runtime.launch import LaunchPlan, build_launch_plan, plan_backend, rank_limit
+from entrypoint.runtime.supervisor import BackendProcess, become_subreaper, reap_orphans
+from entrypoint.runtime.tasks import ServiceTasks
+from entrypoint.runtime.watcher import FolderWatcher
+from entrypoint.snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
+from entrypoint.sources.intent import Intent
+from entrypoint.sources.s3 import SETTLE_SECS, S3Error, S3Scanner, S3Url, first_scan, source_scanner
 
 log = logging.getLogger("entrypoint")
 

@@ -19,8 +19,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .hardware import GPU
-from .settings import ConfigError
+from entrypoint.config.hardware import GPU
+from entrypoint.config.settings import ConfigError
 
 #: the built-in profile files: package data, found wherever the package is installed
 BUILTIN_PROFILES = "builtin_profiles"

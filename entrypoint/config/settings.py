@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .s3 import INSTALL, SCHEME, S3Url
+from entrypoint.sources.s3 import INSTALL, SCHEME, S3Url
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -429,7 +429,7 @@ def configuration_reference() -> str:
         elif name.startswith("vllm_"):
             variable = name.upper()
         kind = str(field.annotation).replace("pathlib.", "").replace("typing.", "")
-        kind = kind.replace("Path | entrypoint.s3.S3Url", "folder or s3:// URL")
+        kind = kind.replace("Path | entrypoint.sources.s3.S3Url", "folder or s3:// URL")
         kind = kind.replace("<class '", "").replace("'>", "").replace(" | None", " (optional)")
         default = "unset" if field.default is None else f"`{field.default}`"
         description = (field.description or "").replace("|", "\\|")

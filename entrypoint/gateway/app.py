@@ -24,14 +24,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__
-from .adapter_api import AdapterAPI, Answer
-from .adapters import display_name
-from .backends import Backend
-from .bodies import BadBody, BodyFacts, BodyParser, json_object
-from .metrics import Metrics
-from .registry import AdapterRecord, Registry, State, Traffic
-from .upstream import ClientResponse, Timeout, Upstream, UpstreamError
+from entrypoint import __version__
+from entrypoint.adapters.folder import display_name
+from entrypoint.backends import Backend
+from entrypoint.gateway.api import AdapterAPI, Answer
+from entrypoint.gateway.bodies import BadBody, BodyFacts, BodyParser, json_object
+from entrypoint.gateway.upstream import ClientResponse, Timeout, Upstream, UpstreamError
+from entrypoint.metrics import Metrics
+from entrypoint.reconcile.registry import AdapterRecord, Registry, State, Traffic
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import (
+from entrypoint.adapters.folder import (
     Origin,
     display_name,
     inspect_folder,
@@ -25,8 +25,8 @@ from .adapters import (
     name_problem,
     outside_roots,
 )
-from .reconcile import Reconciler
-from .registry import Registry, State
+from entrypoint.reconcile.reconciler import Reconciler
+from entrypoint.reconcile.registry import Registry, State
 
 log = logging.getLogger(__name__)
 

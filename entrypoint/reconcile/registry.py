@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters import Origin
+from entrypoint.adapters.folder import Origin
 
 if TYPE_CHECKING:
-    from .adapters import AdapterFolder
+    from entrypoint.adapters.folder import AdapterFolder
 
 RETRY_BASE_SECS = 0.5
 RETRY_MAX_SECS = 30.0

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import AdapterFolder, RankLimit
-from .backends import Backend, StartSpec, get_backend
-from .profiles import Profile
-from .settings import ConfigError, Settings
+from entrypoint.adapters.folder import AdapterFolder, RankLimit
+from entrypoint.backends import Backend, StartSpec, get_backend
+from entrypoint.config.profiles import Profile
+from entrypoint.config.settings import ConfigError, Settings
 
 BACKEND_HOST = "127.0.0.1"
 MIN_DERIVED_RANK = 16

@@ -1,0 +1,1 @@
+"""Adapters on disk: a folder's files judged (config, weights, names), and snapshots of them."""

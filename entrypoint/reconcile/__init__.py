@@ -1,0 +1,2 @@
+"""Reconcile: what the sources want against what the backend serves, and the calls that
+bring them together."""
