@@ -26,7 +26,8 @@ import tracemalloc
 from pathlib import Path
 
 from benchmarks.fixtures import make_synthetic_adapters
-from entrypoint.adapters.folder import AdapterScanner, RankLimit
+from entrypoint.adapters.rank import RankLimit
+from entrypoint.sources.folder import AdapterScanner
 from lora_demo import build_adapter, build_base_model
 from tests.e2e.server import Server
 from tests.e2e.server import slow_copy as write_slowly

@@ -17,15 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from entrypoint.adapters.folder import (
-    CONFIG_FILE,
-    WEIGHT_FILES,
-    AdapterFolder,
-    inspect_folder,
-    open_regular,
-    resolved,
-    within,
-)
+from entrypoint.adapters.files import CONFIG_FILE, WEIGHT_FILES, open_regular
+from entrypoint.adapters.folder import AdapterFolder, inspect_folder
+from entrypoint.adapters.names import resolved, within
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from entrypoint.adapters.folder import Origin, RankLimit, inspect_folder
+from entrypoint.adapters.folder import Origin, inspect_folder
+from entrypoint.adapters.rank import RankLimit
 from entrypoint.gateway.api import AdapterAPI
 from entrypoint.reconcile.reconciler import Reconciler
 from entrypoint.reconcile.registry import Registry, State

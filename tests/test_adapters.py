@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.adapters.folder import RankLimit, inspect_folder, safetensors_problem, scan_source
+from entrypoint.adapters.files import safetensors_problem
+from entrypoint.adapters.folder import inspect_folder
+from entrypoint.adapters.rank import RankLimit
+from entrypoint.sources.folder import scan_source
 from tests.conftest import copy_adapter, edit_config
 
 
@@ -115,7 +118,7 @@ def test_bad_json_is_pending_while_fresh_then_invalid(library, source):
 
 
 def test_scanner_rereads_only_changed_folders(library, source, monkeypatch):
-    from entrypoint.adapters import folder as adapters
+    from entrypoint.sources import folder as adapters
 
     for name in ("alpha", "beta"):
         copy_adapter(library / name, source / name)
@@ -284,7 +287,7 @@ def test_empty_folder_is_pending_and_a_vanished_one_is_not_failed(library, sourc
     (source / "empty").mkdir()
     assert inspect_folder(source / "empty").pending
     folder = copy_adapter(library / "alpha", source / "gone")
-    from entrypoint.adapters.folder import list_folder
+    from entrypoint.adapters.files import list_folder
 
     listing = list_folder(str(folder))
     shutil.rmtree(folder)  # removed between listing and reading
@@ -304,7 +307,7 @@ def test_everything_hostile_at_once_leaves_good_adapters_valid(library, source, 
 
 
 def test_a_missing_source_is_a_problem_not_an_empty_folder(library, tmp_path):
-    from entrypoint.adapters.folder import AdapterScanner
+    from entrypoint.sources.folder import AdapterScanner
 
     source = tmp_path / "mount"
     source.mkdir()

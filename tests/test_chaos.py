@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from entrypoint.adapters.folder import RankLimit, inspect_folder
+from entrypoint.adapters.folder import inspect_folder
+from entrypoint.adapters.rank import RankLimit
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
 from entrypoint.gateway.api import AdapterAPI

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from entrypoint.adapters.folder import RankLimit
+from entrypoint.adapters.rank import RankLimit
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
 from entrypoint.reconcile import reconciler as reconciler_module

@@ -12,7 +12,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from entrypoint.adapters.folder import CONFIG_FILE, inspect_folder
+from entrypoint.adapters.files import CONFIG_FILE
+from entrypoint.adapters.folder import inspect_folder
 from entrypoint.config.settings import ConfigError, load_settings
 from entrypoint.sources import s3
 from entrypoint.sources.s3 import S3Scanner, S3Url

@@ -17,14 +17,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint.adapters.folder import (
-    Origin,
-    display_name,
-    inspect_folder,
-    list_folder,
-    name_problem,
-    outside_roots,
-)
+from entrypoint.adapters.files import list_folder
+from entrypoint.adapters.folder import Origin, inspect_folder
+from entrypoint.adapters.names import display_name, name_problem, outside_roots
 from entrypoint.reconcile.reconciler import Reconciler
 from entrypoint.reconcile.registry import Registry, State
 

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from entrypoint import __version__
-from entrypoint.adapters.folder import display_name
+from entrypoint.adapters.names import display_name
 from entrypoint.backends import Backend
 from entrypoint.gateway.api import AdapterAPI, Answer
 from entrypoint.gateway.bodies import BadBody, BodyFacts, BodyParser, json_object

@@ -17,15 +17,10 @@ from pathlib import Path
 
 import httpx
 
-from entrypoint.adapters.folder import (
-    AdapterFolder,
-    AdapterScanner,
-    Origin,
-    RankLimit,
-    inspect_folder,
-    list_folder,
-    outside_roots,
-)
+from entrypoint.adapters.files import list_folder
+from entrypoint.adapters.folder import AdapterFolder, Origin, inspect_folder
+from entrypoint.adapters.names import outside_roots
+from entrypoint.adapters.rank import RankLimit
 from entrypoint.backends import Backend, Outcome, Reply
 from entrypoint.metrics import Metrics
 from entrypoint.reconcile.registry import (
@@ -37,6 +32,7 @@ from entrypoint.reconcile.registry import (
     Traffic,
 )
 from entrypoint.snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
+from entrypoint.sources.folder import AdapterScanner
 from entrypoint.sources.intent import Intent
 from entrypoint.sources.s3 import S3Scanner, S3Url
 

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from entrypoint.adapters.folder import AdapterFolder, RankLimit
+from entrypoint.adapters.folder import AdapterFolder
+from entrypoint.adapters.rank import RankLimit
 from entrypoint.backends import Backend, StartSpec, get_backend
 from entrypoint.config.profiles import Profile
 from entrypoint.config.settings import ConfigError, Settings

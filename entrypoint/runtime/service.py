@@ -26,13 +26,9 @@ import httpx
 import uvicorn
 
 from entrypoint import __version__
-from entrypoint.adapters.folder import (
-    AdapterFolder,
-    AdapterScanner,
-    RankLimit,
-    inspect_folder,
-    outside_roots,
-)
+from entrypoint.adapters.folder import AdapterFolder, inspect_folder
+from entrypoint.adapters.names import outside_roots
+from entrypoint.adapters.rank import RankLimit
 from entrypoint.backends import Backend
 from entrypoint.config.hardware import detect_gpus
 from entrypoint.config.profiles import Profile, load_profiles, model_parameters, select_profile
@@ -49,6 +45,7 @@ from entrypoint.runtime.supervisor import BackendProcess, become_subreaper, reap
 from entrypoint.runtime.tasks import ServiceTasks
 from entrypoint.runtime.watcher import FolderWatcher
 from entrypoint.snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
+from entrypoint.sources.folder import AdapterScanner
 from entrypoint.sources.intent import Intent
 from entrypoint.sources.s3 import SETTLE_SECS, S3Error, S3Scanner, S3Url, first_scan, source_scanner
 

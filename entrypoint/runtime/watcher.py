@@ -19,7 +19,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from entrypoint.adapters.folder import is_folder
+from entrypoint.adapters.names import is_folder
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from entrypoint.adapters.folder import name_problem
+from entrypoint.adapters.names import name_problem
 
 log = logging.getLogger(__name__)
 

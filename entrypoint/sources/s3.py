@@ -29,17 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from entrypoint.adapters.folder import (
-    CONFIG_FILE,
-    MAX_CONFIG_BYTES,
-    WEIGHT_FILES,
-    AdapterFolder,
-    AdapterScanner,
-    RankLimit,
-    display_name,
-    inspect_folder,
-    name_problem,
-)
+from entrypoint.adapters.files import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHT_FILES
+from entrypoint.adapters.folder import AdapterFolder, inspect_folder
+from entrypoint.adapters.names import display_name, name_problem
+from entrypoint.adapters.rank import RankLimit
+from entrypoint.sources.folder import AdapterScanner
 
 log = logging.getLogger(__name__)
 
