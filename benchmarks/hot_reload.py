@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benchmarks.fixtures import make_synthetic_adapters
 from entrypoint.adapters.rank import RankLimit
-from entrypoint.sources.folder import AdapterScanner
+from entrypoint.sources.folder import FolderSource
 from lora_demo import build_adapter, build_base_model
 from tests.e2e.server import Server
 from tests.e2e.server import slow_copy as write_slowly
@@ -118,8 +118,8 @@ def discovery(work: Path) -> list[dict]:
         source = work / f"scale-{count}"
         make_synthetic_adapters(source, count)
         floor = best_of(lambda s=source: floor_scan(s))
-        first = best_of(lambda s=source: AdapterScanner(s, limit=RankLimit(16)).scan())
-        scanner = AdapterScanner(source, limit=RankLimit(16))
+        first = best_of(lambda s=source: FolderSource(s, limit=RankLimit(16)).scan())
+        scanner = FolderSource(source, limit=RankLimit(16))
         scanner.scan()
         steady = best_of(scanner.scan)
         cli = [str(Path(sys.executable).parent / "lora-entrypoint"), "check-adapters",

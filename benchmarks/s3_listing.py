@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from benchmarks.fixtures import make_synthetic_adapters
-from entrypoint.sources.s3 import S3Scanner, S3Url, first_scan
+from entrypoint.sources.s3 import S3Source
+from entrypoint.sources.s3_client import S3Url
 from tests.s3store import S3Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def run(adapters: int, passes: int) -> dict:
                     Bucket="bench", Key=f"loras/{f.name}/{p.name}", Body=p.read_bytes())
                     for p in f.iterdir()], folders))
             upload_secs = time.perf_counter() - started
-            scanner = S3Scanner(S3Url("bench", "loras/"), downloads=tmp_path / "downloads",
+            scanner = S3Source(S3Url("bench", "loras/"), downloads=tmp_path / "downloads",
                                 client=client)
             gets = [0]
 
@@ -51,7 +52,7 @@ def run(adapters: int, passes: int) -> dict:
 
             client.meta.events.register("before-call.s3.GetObject", count_get)
             started = time.perf_counter()
-            found = first_scan(scanner)
+            found = scanner.scan_at_start()
             first_secs = time.perf_counter() - started
             assert len(found) == adapters and all(f.valid for f in found), "not all valid"
             downloaded = sum(1 for _ in (tmp_path / "downloads").iterdir())

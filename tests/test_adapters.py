@@ -69,13 +69,13 @@ def test_config_without_weights_is_pending(library, source):
 def test_safetensors_longer_than_declared_is_invalid(library, tmp_path):
     weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes((library / "alpha" / "adapter_model.safetensors").read_bytes() + b"x")
-    assert "header declares" in safetensors_problem(weights)
+    assert "header declares" in safetensors_problem(weights).text
 
 
 def test_garbage_weights_are_invalid(tmp_path):
     weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}")
-    assert "not a safetensors file" in safetensors_problem(weights)
+    assert "not a safetensors file" in safetensors_problem(weights).text
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ def test_scanner_rereads_only_changed_folders(library, source, monkeypatch):
 
     for name in ("alpha", "beta"):
         copy_adapter(library / name, source / name)
-    scanner = adapters.AdapterScanner(source, limit=RankLimit(16))
+    scanner = adapters.FolderSource(source, limit=RankLimit(16))
     first = scanner.scan()
     reads = []
     original = adapters.inspect_folder
@@ -307,12 +307,12 @@ def test_everything_hostile_at_once_leaves_good_adapters_valid(library, source, 
 
 
 def test_a_missing_source_is_a_problem_not_an_empty_folder(library, tmp_path):
-    from entrypoint.sources.folder import AdapterScanner
+    from entrypoint.sources.folder import FolderSource
 
     source = tmp_path / "mount"
     source.mkdir()
     copy_adapter(library / "alpha", source / "alpha")
-    scanner = AdapterScanner(source, limit=RankLimit(16))
+    scanner = FolderSource(source, limit=RankLimit(16))
     assert [f.name for f in scanner.scan()] == ["alpha"] and scanner.source_problem is None
     source.rename(tmp_path / "unmounted")
     assert [f.name for f in scanner.scan()] == ["alpha"]  # what it knew, not "nothing"

@@ -307,7 +307,7 @@ def test_aibrix_pods_carry_the_labels_its_controller_selects_on():
 def test_the_s3_example_reads_its_adapters_from_a_bucket():
     """The object-store example: no adapter volume, the source an s3:// URL the settings accept,
     and the keys from the Secret the same folder defines."""
-    from entrypoint.sources.s3 import S3Url
+    from entrypoint.sources.s3_client import S3Url
 
     deployment = documents(KUBE / "s3" / "deployment.yaml")[0]
     pod = deployment["spec"]["template"]["spec"]

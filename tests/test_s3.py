@@ -14,9 +14,11 @@ import pytest
 
 from entrypoint.adapters.files import CONFIG_FILE
 from entrypoint.adapters.folder import inspect_folder
+from entrypoint.backoff import STORE_CALLS
 from entrypoint.config.settings import ConfigError, load_settings
-from entrypoint.sources import s3
-from entrypoint.sources.s3 import S3Scanner, S3Url
+from entrypoint.sources import s3, s3_client
+from entrypoint.sources.s3 import S3Source
+from entrypoint.sources.s3_client import S3Url
 from tests.e2e.server import BIN, clean_env
 
 WEIGHTS = "adapter_model.safetensors"
@@ -30,11 +32,11 @@ def upload(client, bucket: str, name: str, folder: Path, *, only: str | None = N
                               Body=path.read_bytes())
 
 
-def scanner(store, bucket: str, tmp_path: Path, **client_args) -> S3Scanner:
+def scanner(store, bucket: str, tmp_path: Path, **client_args) -> S3Source:
     client = boto3.client("s3", endpoint_url=store.endpoint, region_name="us-east-1",
                           aws_access_key_id=client_args.get("key", "lora-test-key"),
                           aws_secret_access_key=client_args.get("secret", "lora-test-secret"))
-    return S3Scanner(S3Url.parse(f"s3://{bucket}/loras"), downloads=tmp_path / "downloads",
+    return S3Source(S3Url.parse(f"s3://{bucket}/loras"), downloads=tmp_path / "downloads",
                      client=client)
 
 
@@ -42,7 +44,7 @@ def by_name(folders) -> dict:
     return {f.name: f for f in folders}
 
 
-def look(scan: S3Scanner) -> dict:
+def look(scan: S3Source) -> dict:
     """A pass, and the pass after the downloads it started (what the watcher's wake gives)."""
     scan.scan()
     scan.wait_downloads()
@@ -98,7 +100,7 @@ def test_a_changed_adapter_is_a_new_version_and_a_deleted_one_is_gone(
     client = s3_store.client()
     upload(client, bucket, "alpha", library / "alpha")
     scan = scanner(s3_store, bucket, tmp_path)
-    s3.first_scan(scan)
+    scan.scan_at_start()
     first = by_name(scan.scan())["alpha"]
     assert first.valid
     upload(client, bucket, "alpha", library / "beta", only=WEIGHTS)  # new weights, same name
@@ -150,7 +152,7 @@ def test_an_outage_keeps_what_was_listed_and_backs_off(s3_store, bucket, library
     client = s3_store.client()
     upload(client, bucket, "alpha", library / "alpha")
     scan = scanner(s3_store, bucket, tmp_path)
-    before = by_name(s3.first_scan(scan))
+    before = by_name(scan.scan_at_start())
     assert before["alpha"].valid
     s3_store.stop()
     try:
@@ -163,7 +165,7 @@ def test_an_outage_keeps_what_was_listed_and_backs_off(s3_store, bucket, library
         assert (scan.list_calls, scan.failures) == calls  # backing off: no call at once
     finally:
         s3_store.start()
-    time.sleep(s3.BACKOFF_BASE_SECS)
+    time.sleep(STORE_CALLS.base)
     assert by_name(scan.scan()) == before and scan.source_problem is None
     upload(client, bucket, "beta", library / "beta")
     scan.scan()
@@ -246,7 +248,7 @@ def test_a_thousand_adapters_cost_one_listing_per_thousand_keys(s3_store, bucket
         client.put_object(Bucket=bucket, Key=f"loras/a{i:04d}/adapter_config.json", Body=config)
         client.put_object(Bucket=bucket, Key=f"loras/a{i:04d}/{WEIGHTS}", Body=b"not weights")
     scan = scanner(s3_store, bucket, tmp_path)
-    s3.first_scan(scan)
+    scan.scan_at_start()
     downloaded = sorted(p.name for p in (tmp_path / "downloads").iterdir())
     assert len(downloaded) == 500
     calls = scan.list_calls
@@ -275,7 +277,7 @@ def test_an_overwrite_caught_half_way_is_never_taken_for_a_version(
     client = s3_store.client()
     upload(client, bucket, "alpha", library / "alpha")
     scan = scanner(s3_store, bucket, tmp_path)
-    assert by_name(s3.first_scan(scan))["alpha"].valid
+    assert by_name(scan.scan_at_start())["alpha"].valid
     upload(client, bucket, "alpha", library / "big", only=CONFIG_FILE)  # r=64 over rank-8 weights
     assert by_name(scan.scan())["alpha"].problem.startswith("uploading")
     time.sleep(s3.SETTLE_SECS)
@@ -295,7 +297,7 @@ def test_files_beside_an_adapter_are_not_part_of_it(s3_store, bucket, library, t
     client = s3_store.client()
     upload(client, bucket, "alpha", library / "alpha")
     scan = scanner(s3_store, bucket, tmp_path)
-    alpha = by_name(s3.first_scan(scan))["alpha"]
+    alpha = by_name(scan.scan_at_start())["alpha"]
     assert alpha.valid
     for step in range(3):
         client.put_object(Bucket=bucket, Key="loras/alpha/logs/train.log", Body=b"x" * step)
@@ -327,7 +329,7 @@ def test_an_endpoint_that_is_not_s3_is_a_problem_not_an_empty_store(tmp_path):
         client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{server.server_port}",
                               region_name="us-east-1", aws_access_key_id="k",
                               aws_secret_access_key="s")
-        scan = S3Scanner(S3Url("bucket", "loras/"), downloads=tmp_path, client=client)
+        scan = S3Source(S3Url("bucket", "loras/"), downloads=tmp_path, client=client)
         assert scan.scan() == []
         assert "not an S3 listing" in scan.source_problem and "AWS_ENDPOINT_URL" in \
             scan.source_problem
@@ -345,12 +347,12 @@ def test_a_store_that_never_answers_holds_a_pass_seconds_not_minutes(tmp_path, m
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)  # accepts (the kernel does), never answers
     try:
-        scan = S3Scanner(S3Url("bucket", "loras/"), downloads=tmp_path,
+        scan = S3Source(S3Url("bucket", "loras/"), downloads=tmp_path,
                          client=s3.make_client(f"http://127.0.0.1:{silent.getsockname()[1]}"))
         started = time.monotonic()
         assert scan.scan() == []
         took = time.monotonic() - started
-        assert took < 2 * s3.READ_TIMEOUT_SECS, took  # one read timeout, no retries inside
+        assert took < 2 * s3_client.READ_TIMEOUT_SECS, took  # one read timeout, no retries inside
         assert "did not answer within" in scan.source_problem and not scan.fatal
         assert "AWS_ENDPOINT_URL" in scan.source_problem
     finally:
@@ -378,7 +380,7 @@ def test_a_download_that_keeps_failing_backs_off_with_one_reason(s3_store, bucke
         passes += 1
     assert passes >= 3 and reasons == {alpha.problem}
     assert len(gets) == 1  # backing off: not fetched again
-    time.sleep(s3.BACKOFF_BASE_SECS * 2 + 0.1)
+    time.sleep(STORE_CALLS.base * 2 + 0.1)
     look(scan)
     assert len(gets) == 2  # tried again after the backoff
     warned = [r for r in caplog.records if "download from" in r.getMessage()]

@@ -5,6 +5,7 @@ Must not judge an adapter as a whole (that is `adapters.folder`) or know where f
 
 from __future__ import annotations
 
+import enum
 import errno
 import hashlib
 import json
@@ -22,6 +23,30 @@ MAX_CONFIG_BYTES = 1 << 20
 
 
 MAX_HEADER_BYTES = 16 << 20  # a safetensors header: a few KiB per hundred tensors
+
+
+class Kind(enum.StrEnum):
+    """What a problem means for the files: refused as they are, or still being written."""
+
+    INVALID = "invalid"
+    UNFINISHED = "unfinished"  # a copy not done yet: looked at again
+    UPLOADING = "uploading"  # a store's objects not yet seen unchanged: looked at again
+    DOWNLOADING = "downloading"
+    DOWNLOAD_FAILED = "download failed"  # tried again after a backoff
+
+
+class Problem(NamedTuple):
+    """What is wrong with a file, and what kind of wrong (code branches on `kind`)."""
+
+    kind: Kind
+    text: str
+
+
+TRUNCATED = Problem(Kind.UNFINISHED, "incomplete: weights file still being written")
+
+
+def invalid(text: str) -> Problem:
+    return Problem(Kind.INVALID, text)
 
 
 class Listing(NamedTuple):
@@ -94,7 +119,7 @@ def read_regular(path: str, limit: int) -> bytes:
 
 
 def safetensors_problem(path: Path | str, size: int | None = None,
-                        rank: int | None = None) -> str | None:
+                        rank: int | None = None) -> Problem | None:
     """None when the file is a complete safetensors file; otherwise what is wrong.
 
     A safetensors file starts with an 8-byte header length and a JSON header whose tensors'
@@ -107,24 +132,24 @@ def safetensors_problem(path: Path | str, size: int | None = None,
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return "adapter_model.safetensors is not a regular file"
+                return invalid("adapter_model.safetensors is not a regular file")
             if size is None:
                 size = st.st_size
             head = os.read(fd, 8)
             if len(head) < 8:
-                return "incomplete: weights file still being written"
+                return TRUNCATED
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES:
-                return "adapter_model.safetensors is not a safetensors file"
+                return invalid("adapter_model.safetensors is not a safetensors file")
             if 8 + header_len > size:
-                return "incomplete: weights file still being written"
+                return TRUNCATED
             header = json.loads(os.read(fd, header_len))
         finally:
             os.close(fd)
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return "adapter_model.safetensors is not a safetensors file (bad header)"
+        return invalid("adapter_model.safetensors is not a safetensors file (bad header)")
     if not isinstance(header, dict):
-        return "adapter_model.safetensors has a malformed header"
+        return invalid("adapter_model.safetensors has a malformed header")
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
@@ -132,16 +157,17 @@ def safetensors_problem(path: Path | str, size: int | None = None,
         try:
             end = max(end, int(info["data_offsets"][1]))
         except (KeyError, TypeError, ValueError, IndexError, OverflowError):
-            return "adapter_model.safetensors has a malformed header"
+            return invalid("adapter_model.safetensors has a malformed header")
     expected = 8 + header_len + end
     if size < expected:
-        return "incomplete: weights file still being written"
+        return TRUNCATED
     if size > expected:
-        return f"adapter_model.safetensors is {size} bytes but its header declares {expected}"
+        return invalid(f"adapter_model.safetensors is {size} bytes but its header declares "
+                       f"{expected}")
     return None if rank is None else _rank_mismatch(header, rank)
 
 
-def _rank_mismatch(header: dict, rank: int) -> str | None:
+def _rank_mismatch(header: dict, rank: int) -> Problem | None:
     """Why the LoRA tensors in a safetensors header do not have rank `rank` (None: they do)."""
     for key, info in header.items():
         shape = info.get("shape") if isinstance(info, dict) else None
@@ -150,31 +176,32 @@ def _rank_mismatch(header: dict, rank: int) -> str | None:
         found = shape[0] if key.endswith(".lora_A.weight") else (
             shape[1] if key.endswith(".lora_B.weight") else rank)
         if found != rank:
-            return (f"adapter_model.safetensors holds rank-{found} tensors but "
+            return invalid(f"adapter_model.safetensors holds rank-{found} tensors but "
                     f"adapter_config.json says r={rank}: the two files are from different "
                     "versions (an upload or copy caught half-way?); copy both again")
     return None
 
 
-def zip_problem(path: Path) -> str | None:
+def zip_problem(path: Path) -> Problem | None:
     """None when a torch `.bin`/`.pt` file (a zip archive) ends with its central directory."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return f"{path.name} is not a regular file"
+                return invalid(f"{path.name} is not a regular file")
             size = st.st_size
             head = os.pread(fd, 2, 0)
             tail = os.pread(fd, 65_557, max(0, size - 65_557))
         finally:
             os.close(fd)
     except OSError as exc:
-        return f"{path.name} cannot be read ({exc.strerror})"
+        return invalid(f"{path.name} cannot be read ({exc.strerror})")
     if size >= 2 and head != b"PK":
-        return f"{path.name} is not a PyTorch zip checkpoint; save it with safetensors"
+        return invalid(f"{path.name} is not a PyTorch zip checkpoint; save it with "
+                       "safetensors")
     if size < 22 or b"PK\x05\x06" not in tail:
-        return "incomplete: weights file still being written"
+        return TRUNCATED
     return None
 
 

@@ -18,6 +18,7 @@ from entrypoint.adapters.files import (
     CONFIG_FILE,
     MAX_CONFIG_BYTES,
     WEIGHT_FILES,
+    Kind,
     Listing,
     list_folder,
     read_regular,
@@ -62,6 +63,8 @@ class AdapterFolder:
     config: dict = field(default_factory=dict, compare=False, repr=False)
     origin: Origin = Origin.FOLDER
     url: str = ""  # the object URL an adapter from an s3:// source was downloaded from
+    #: what kind of problem `problem` is (code branches on this, never on the text)
+    kind: Kind = Kind.INVALID
     #: the fingerprint of the files at `path` when `fingerprint` names another thing (an s3://
     #: adapter's is its objects' keys, sizes and ETags; its download is checked by this one)
     local_fingerprint: str = ""
@@ -193,7 +196,8 @@ def _unfinished(base: dict[str, Any], complete: bool, copying: str, final: str,
     """A folder that looks half-copied: pending (`copying` says why) while it may still be
     written, invalid (`final`) when its files are known to be final."""
     return AdapterFolder(**{**base, **described}, pending=not complete,
-                         problem=final if complete else copying)
+                         problem=final if complete else copying,
+                         kind=Kind.INVALID if complete else Kind.UNFINISHED)
 
 
 def _inspect(path: Path, listing: Listing, base: dict[str, Any], *, limit: RankLimit | None,
@@ -244,7 +248,7 @@ def _inspect(path: Path, listing: Listing, base: dict[str, Any], *, limit: RankL
         config = None
     if config is None:
         if not complete and _recently_written(path / CONFIG_FILE):
-            return AdapterFolder(**base, pending=True,
+            return AdapterFolder(**base, pending=True, kind=Kind.UNFINISHED,
                                  problem="incomplete: adapter_config.json still being written")
         return AdapterFolder(**base, problem="adapter_config.json is not valid JSON")
     if not isinstance(config, dict):
@@ -260,20 +264,21 @@ def _inspect(path: Path, listing: Listing, base: dict[str, Any], *, limit: RankL
         "config": config,
     }
     problem = config_problem(config, limit=limit)
-    if problem is None and weights is None:
+    if problem is not None:
+        return AdapterFolder(**described, problem=problem)
+    if weights is None:
         return _unfinished(described, complete, "incomplete: no adapter_model.safetensors yet",
                            "no adapter_model.safetensors (or .bin) in the folder")
-    if problem is None and weights is not None:
-        if weights_name == WEIGHT_FILES[0]:
-            uniform = described["rank"] if not config.get("rank_pattern") else None
-            problem = safetensors_problem(os.path.join(folder, weights_name), files[weights_name],
-                                          rank=uniform)
-        else:
-            problem = zip_problem(weights)
-        if problem and problem.startswith("incomplete"):
-            return _unfinished(described, complete, problem, problem.replace(
-                "incomplete: ", "").replace("still being written", "is truncated or malformed"))
-    return AdapterFolder(**described, problem=problem)
+    if weights_name == WEIGHT_FILES[0]:
+        uniform = described["rank"] if not config.get("rank_pattern") else None
+        found = safetensors_problem(os.path.join(folder, weights_name), files[weights_name],
+                                    rank=uniform)
+    else:
+        found = zip_problem(weights)
+    if found is not None and found.kind is Kind.UNFINISHED:
+        return _unfinished(described, complete, found.text,
+                           "weights file is truncated or malformed")
+    return AdapterFolder(**described, problem=found.text if found else None)
 
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from entrypoint.sources.s3 import INSTALL, SCHEME, S3Url
+from entrypoint.sources.s3_client import INSTALL, SCHEME, S3Url
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}

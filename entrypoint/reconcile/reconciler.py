@@ -32,9 +32,9 @@ from entrypoint.reconcile.registry import (
     Traffic,
 )
 from entrypoint.snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
-from entrypoint.sources.folder import AdapterScanner
+from entrypoint.sources.base import AdapterSource
+from entrypoint.sources.folder import FolderSource
 from entrypoint.sources.intent import Intent
-from entrypoint.sources.s3 import S3Scanner, S3Url
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ class Reconciler:
         backend: Backend,
         client: httpx.AsyncClient,
         registry: Registry,
-        source: Path | S3Url,
+        source: Path | None = None,
         served_name: str,
         rank_limit: RankLimit | None,
-        scanner: AdapterScanner | S3Scanner | None = None,
+        scanner: AdapterSource | None = None,
         snapshots: SnapshotStore | None = None,
         traffic: Traffic | None = None,
         metrics: Metrics | None = None,
@@ -78,10 +78,10 @@ class Reconciler:
         self.backend = backend
         self.client = client
         self.registry = registry
-        if scanner is None:
-            assert isinstance(source, Path), "an s3:// source comes with its scanner"
-            scanner = AdapterScanner(source, limit=rank_limit, served_name=served_name)
-        self.scanner = scanner
+        if scanner is None:  # (a folder, given as a path: the tests' shorthand)
+            assert source is not None, "a source, or the folder of one"
+            scanner = FolderSource(source, limit=rank_limit, served_name=served_name)
+        self.scanner: AdapterSource = scanner
         self.snapshots = snapshots
         self.traffic = traffic or Traffic()
         self.metrics = metrics
@@ -104,13 +104,13 @@ class Reconciler:
     async def sync(self) -> None:
         """One pass: scan, compare, and start per-name work for every name that needs it."""
         async with self._pass:
-            if isinstance(self.scanner, S3Scanner) and self.scanner.on_download is None:
-                loop = asyncio.get_running_loop()  # a finished download asks for a pass
+            if self.scanner.on_change is None:
+                loop = asyncio.get_running_loop()  # (a finished download asks for a pass)
 
-                def downloaded() -> None:
+                def changed() -> None:
                     loop.call_soon_threadsafe(self._wake)
 
-                self.scanner.on_download = downloaded
+                self.scanner.on_change = changed
             started = time.perf_counter()
             folders, api_folders = await asyncio.to_thread(self._scan)
             self.last_scan_secs = time.perf_counter() - started
@@ -207,8 +207,7 @@ class Reconciler:
                                  return_exceptions=True)
 
     async def close(self) -> None:
-        if isinstance(self.scanner, S3Scanner):
-            self.scanner.close()
+        self.scanner.close()
         tasks = [job.task for job in self._work.values()]
         for task in tasks:
             task.cancel()
@@ -220,13 +219,13 @@ class Reconciler:
             return problem is not None
         self._source_problem = problem
         if problem is None:
-            log.info("NIM_PEFT_SOURCE=%s can be read again; reconciling", self.scanner.source)
+            log.info("NIM_PEFT_SOURCE=%s can be read again; reconciling", self.scanner.label)
             for state in self.registry.states():
                 if state.record.reason.startswith(SOURCE_GONE):
                     state.note("")
             return False
         log.error("NIM_PEFT_SOURCE=%s: %s; still serving the %d adapters loaded before, %s",
-                  self.scanner.source, problem, len(self.registry.ready_names()),
+                  self.scanner.label, problem, len(self.registry.ready_names()),
                   self.scanner.retry_hint)
         for state in self.registry.states():
             state.note(f"{SOURCE_GONE} ({problem}); " + (

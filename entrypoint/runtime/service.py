@@ -26,6 +26,7 @@ import httpx
 import uvicorn
 
 from entrypoint import __version__
+from entrypoint.adapters.files import Kind
 from entrypoint.adapters.folder import AdapterFolder, inspect_folder
 from entrypoint.adapters.names import outside_roots
 from entrypoint.adapters.rank import RankLimit
@@ -45,9 +46,10 @@ from entrypoint.runtime.supervisor import BackendProcess, become_subreaper, reap
 from entrypoint.runtime.tasks import ServiceTasks
 from entrypoint.runtime.watcher import FolderWatcher
 from entrypoint.snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
-from entrypoint.sources.folder import AdapterScanner
+from entrypoint.sources.base import AdapterSource
 from entrypoint.sources.intent import Intent
-from entrypoint.sources.s3 import SETTLE_SECS, S3Error, S3Scanner, S3Url, first_scan, source_scanner
+from entrypoint.sources.s3 import SETTLE_SECS, source_for
+from entrypoint.sources.s3_client import S3Error, S3Url
 
 log = logging.getLogger("entrypoint")
 
@@ -126,13 +128,13 @@ def downloads_folder(settings: Settings) -> Path:
 
 
 def source_scanner_for(settings: Settings, downloads: Path,
-                       limit: RankLimit | None = None) -> AdapterScanner | S3Scanner:
+                       limit: RankLimit | None = None) -> AdapterSource:
     """The scanner of NIM_PEFT_SOURCE (a folder or an s3:// prefix). Raises `ConfigError`."""
     assert settings.peft_source is not None
     try:
-        return source_scanner(settings.peft_source, downloads=downloads, limit=limit,
-                              served_name=settings.served_name,
-                              settle=settings.peft_refresh_interval or SETTLE_SECS)
+        return source_for(settings.peft_source, downloads=downloads, limit=limit,
+                          served_name=settings.served_name,
+                          settle=settings.peft_refresh_interval or SETTLE_SECS)
     except S3Error as exc:
         raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: {exc}") from None
 
@@ -151,10 +153,8 @@ def scan_adapters(settings: Settings, downloads: Path, *, serving: bool = False
     if settings.peft_source is None:
         return []
     scanner = source_scanner_for(settings, downloads)
-    if not isinstance(scanner, S3Scanner):
-        return scanner.scan()
     try:
-        found = first_scan(scanner)
+        found = scanner.scan_at_start()
     finally:
         scanner.close()  # (downloads still running stop; the adapter loop has its own)
     problem = scanner.source_problem
@@ -166,7 +166,7 @@ def scan_adapters(settings: Settings, downloads: Path, *, serving: bool = False
                   settings.peft_source, problem, scanner.retry_hint,
                   "" if settings.max_lora_rank else "; the rank limit is derived from no "
                   "adapters: set NIM_MAX_LORA_RANK to serve larger ranks when the store is back")
-    failed = [f for f in found if f.pending and (f.problem or "").startswith("download failed")]
+    failed = [f for f in found if f.pending and f.kind is Kind.DOWNLOAD_FAILED]
     if failed and serving and not settings.dynamic:
         raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: adapter {failed[0].name} "
                           f"could not be downloaded ({failed[0].problem}); a static server "
@@ -367,7 +367,6 @@ class Service:
                 backend=self.plan.backend,
                 client=self.client,
                 registry=self.registry,
-                source=source,
                 served_name=self.settings.served_name,
                 rank_limit=self.plan.rank_limit,
                 scanner=scanner,

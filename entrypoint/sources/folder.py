@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,10 +22,10 @@ def scan_source(
     """Every adapter folder directly under `source` (hidden ones skipped), sorted by name.
 
     Without `limit` no rank is refused (the start-up scan, before the limit is known)."""
-    return AdapterScanner(source, limit=limit, served_name=served_name).scan()
+    return FolderSource(source, limit=limit, served_name=served_name).scan()
 
 
-class AdapterScanner:
+class FolderSource:
     """Scans a source folder again and again; re-reads a folder only when its fingerprint moves.
 
     A pass over unchanged folders costs one `scandir` per folder and one `stat` per file. Results
@@ -44,6 +45,18 @@ class AdapterScanner:
 
     #: what the service does while `source_problem` lasts (it logs this once)
     retry_hint = "looking again every pass (check the volume mount)"
+    fatal = False  # a folder that cannot be read may come back (a volume mounted late)
+    on_change: Callable[[], None] | None = None  # (the watcher sees a folder's changes)
+
+    @property
+    def label(self) -> str:
+        return str(self.source)
+
+    def scan_at_start(self) -> list[AdapterFolder]:
+        return self.scan()
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
 
     @property
     def roots(self) -> tuple[Path, ...]:
