@@ -27,9 +27,10 @@ from entrypoint.adapters.folder import inspect_folder
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
+from entrypoint.backoff import Backoff
 from entrypoint.gateway.api import AdapterAPI
-from entrypoint.reconcile import reconciler as reconcile_module
-from entrypoint.reconcile import registry as registry_module
+from entrypoint.reconcile import actions as actions_module
+from entrypoint.reconcile import calls as calls_module
 from entrypoint.reconcile.reconciler import Reconciler
 from entrypoint.reconcile.registry import Registry, State
 from entrypoint.snapshots import SnapshotStore
@@ -111,7 +112,7 @@ class Chaos:
             backend=VLLMBackend(), client=httpx.AsyncClient(), registry=self.registry,
             source=self.source, served_name="tiny", rank_limit=RankLimit(16),
             snapshots=self.snapshots, intent=Intent(file=tmp / "intent.json"),
-            api_roots=(self.source, self.store))
+            api_roots=(self.source, self.store), backoff=Backoff(0.001, 0.004))
         self.api = AdapterAPI(registry=self.registry, served_name="tiny", source=self.source,
                               reconciler=self.reconciler, timeout=5)
         self.calls: list[asyncio.Task] = []
@@ -268,11 +269,9 @@ class Chaos:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_chaos_with_a_fake_backend(library, tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(registry_module, "RETRY_BASE_SECS", 0.001)
-    monkeypatch.setattr(registry_module, "RETRY_MAX_SECS", 0.004)
-    monkeypatch.setattr(reconcile_module, "SETTLE_SECS", 0.001)
-    monkeypatch.setattr(reconcile_module, "LATE_SWAP_WATCH_SECS", 0.2)  # late loads: <= 0.05 s
-    monkeypatch.setattr(reconcile_module, "LATE_SWAP_POLL_SECS", 0.005)
+    monkeypatch.setattr(actions_module, "SETTLE_SECS", 0.001)
+    monkeypatch.setattr(calls_module, "LATE_SWAP_WATCH_SECS", 0.2)  # late loads: <= 0.05 s
+    monkeypatch.setattr(calls_module, "LATE_SWAP_POLL_SECS", 0.005)
     chaos = Chaos(seed, tmp_path, library)
 
     async def run() -> None:

@@ -14,7 +14,8 @@ import pytest
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backends.base import Outcome, Reply
 from entrypoint.backends.vllm import VLLMBackend
-from entrypoint.reconcile import reconciler as reconciler_module
+from entrypoint.backoff import Backoff
+from entrypoint.reconcile import calls as reconciler_module
 from entrypoint.reconcile.reconciler import Reconciler
 from entrypoint.reconcile.registry import Registry, State
 from tests.conftest import copy_adapter
@@ -343,8 +344,8 @@ def test_a_previous_version_that_cannot_be_loaded_back_is_restored_by_a_pass_of_
     """The new version is refused and loading the previous one back fails too: the backend
     holds nothing under the name. No event will come, so the reconciler asks for a pass itself,
     which loads the previous version again."""
-    monkeypatch.setattr(reconciler_module, "RETRY_BASE_SECS", 0.05)
     source, backend, registry, reconciler = setup
+    reconciler.calls.backoff = Backoff(0.05, 1.0)
     with_snapshots(tmp_path, reconciler, grace=60)  # (no deletion due to wake it meanwhile)
     plain_load = backend.load
     loads: list[str] = []

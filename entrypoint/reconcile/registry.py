@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from entrypoint.adapters.folder import Origin
+from entrypoint.backoff import BACKEND_CALLS, Backoff
 
 if TYPE_CHECKING:
     from entrypoint.adapters.folder import AdapterFolder
 
-RETRY_BASE_SECS = 0.5
-RETRY_MAX_SECS = 30.0
 
 
 class State(enum.StrEnum):
@@ -65,7 +64,7 @@ class AdapterState:
     transitions below; `since` moves when the state does.
     """
 
-    __slots__ = ("record", "attempts", "retry_at", "refused", "reported")
+    __slots__ = ("record", "attempts", "retry_at", "refused", "reported", "outage")
 
     def __init__(self, record: AdapterRecord) -> None:
         self.record = record
@@ -73,6 +72,7 @@ class AdapterState:
         self.retry_at = 0.0  # monotonic time before which no work starts (backoff)
         self.refused = ""  # fingerprint of files the backend refused: failed until they change
         self.reported = ""  # the last problem logged (each is logged once)
+        self.outage = ""  # the note shown while NIM_PEFT_SOURCE cannot be read
 
     @property
     def name(self) -> str:
@@ -148,10 +148,22 @@ class AdapterState:
         """Say why, without changing the state."""
         self._set(reason=reason)
 
-    def retry_later(self, now: float) -> float:
+    def note_outage(self, reason: str) -> None:
+        """NIM_PEFT_SOURCE cannot be read: say so, without changing the state."""
+        self.outage = reason
+        self._set(reason=reason)
+
+    def outage_over(self) -> None:
+        """NIM_PEFT_SOURCE can be read again: the outage's note goes, unless another reason
+        replaced it meanwhile."""
+        if self.outage and self.record.reason == self.outage:
+            self._set(reason="")
+        self.outage = ""
+
+    def retry_later(self, now: float, backoff: Backoff = BACKEND_CALLS) -> float:
         """A backend call failed: back off exponentially. Returns the delay."""
         self.attempts += 1
-        delay = min(RETRY_MAX_SECS, RETRY_BASE_SECS * 2 ** (self.attempts - 1))
+        delay = backoff.delay(self.attempts)
         self.retry_at = now + delay
         return delay
 

@@ -39,7 +39,8 @@ from entrypoint.gateway.app import GatewayState, build_app
 from entrypoint.gateway.http import HeaderDeadlineProtocol
 from entrypoint.gateway.upstream import Upstream
 from entrypoint.metrics import LoraRequestsInfo, Metrics
-from entrypoint.reconcile.reconciler import DRAIN_SECS, LATE_SWAP_WATCH_SECS, Reconciler
+from entrypoint.reconcile.calls import DRAIN_SECS, LATE_SWAP_WATCH_SECS
+from entrypoint.reconcile.reconciler import Reconciler
 from entrypoint.reconcile.registry import AdapterRecord, Registry, State, Traffic
 from entrypoint.runtime.launch import LaunchPlan, build_launch_plan, plan_backend, rank_limit
 from entrypoint.runtime.supervisor import BackendProcess, become_subreaper, reap_orphans

@@ -1,0 +1,76 @@
+"""The runtime API as a source: the adapters loaded through it, and the folder adapters it
+unloaded, as the reconciler sees them at each pass.
+
+Reads the standing requests (`Intent`) and the folders they name; an API adapter's folder is
+re-read only when its files change, and its confinement to the allowed folders is checked every
+time. Must not call a backend or change the intent except to forget an unload whose files
+changed or went.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from entrypoint.adapters.files import list_folder
+from entrypoint.adapters.folder import AdapterFolder, Origin, inspect_folder
+from entrypoint.adapters.names import outside_roots
+from entrypoint.adapters.rank import RankLimit
+from entrypoint.sources.intent import Intent
+
+log = logging.getLogger("entrypoint.reconcile")
+
+
+class ApiAdapters:
+    """What the API's intent adds to, and takes from, the sources' adapters."""
+
+    def __init__(self, intent: Intent, roots: tuple[Path, ...], *,
+                 limit: RankLimit | None, served_name: str | None) -> None:
+        self.intent, self.roots = intent, roots
+        self.limit, self.served_name = limit, served_name
+        self._known: dict[str, AdapterFolder] = {}  # the API adapters' last inspection
+        #: folder adapters unloaded by the API, while their files are the ones unloaded
+        self.hidden: dict[str, AdapterFolder] = {}
+
+    def scan(self) -> list[AdapterFolder]:
+        """The folders of the adapters loaded through the API (file work: run in a thread)."""
+        known: dict[str, AdapterFolder] = {}
+        for name, path in sorted(self.intent.loaded.items()):
+            known[name] = self._inspect(name, path)
+        self._known = known
+        return list(known.values())
+
+    def _inspect(self, name: str, path: Path) -> AdapterFolder:
+        listing = list_folder(str(path))
+        old = self._known.get(name)
+        if (old is not None and old.path == path and old.fingerprint == listing.fingerprint
+                and not old.pending):
+            folder = old
+        else:
+            folder = inspect_folder(path, limit=self.limit,  # (final files)
+                                    served_name=self.served_name, name=name, complete=True,
+                                    _listing=listing)
+            folder = replace(folder, origin=Origin.API)
+        problem = outside_roots(str(path), self.roots)
+        if problem is not None:
+            folder = replace(folder, pending=False, problem=(
+                f"{problem}; unload it, or add its folder to NIM_PEFT_API_ALLOWED_PATHS"))
+        return folder
+
+    def hide(self, wanted: dict[str, AdapterFolder]) -> None:
+        """Take the folder adapters unloaded through the API out of `wanted` while their files
+        are the ones that were unloaded; forget the unload once they change or go."""
+        self.hidden = {}
+        lifted = False
+        for name, fingerprint in list(self.intent.unloaded.items()):
+            folder = wanted.get(name)
+            if folder is not None and folder.fingerprint == fingerprint:
+                self.hidden[name] = wanted.pop(name)
+                continue
+            del self.intent.unloaded[name]
+            lifted = True
+            log.info("adapter %s: its folder %s since it was unloaded through the API; "
+                     "the folder decides again", name, "changed" if folder else "is gone")
+        if lifted:
+            self.intent.save_or_warn()
