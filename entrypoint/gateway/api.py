@@ -5,7 +5,8 @@ fleet controllers (AIBrix) call vLLM's `POST /v1/load_lora_adapter`. Here a call
 intent (`Intent`, kept under NIM_CACHE_PATH) and asks the reconciler to carry it out, so an API
 adapter goes through the same validation, snapshots, states and reasons as a folder adapter, and
 the call answers with the outcome. Paths are confined to NIM_PEFT_SOURCE and
-NIM_PEFT_API_ALLOWED_PATHS. The gateway turns `Answer`s into vLLM's or SGLang's bodies.
+NIM_PEFT_API_ALLOWED_PATHS. `gateway.api_routes` turns `Answer`s into vLLM's or SGLang's bodies
+(their wording is in `entrypoint.backends`).
 """
 
 from __future__ import annotations
