@@ -38,7 +38,8 @@ def serve_gateway(upstream: str, port: int) -> None:
     import uvicorn
 
     from entrypoint.backends.vllm import VLLMBackend
-    from entrypoint.gateway.app import GatewayState, build_app
+    from entrypoint.gateway.app import build_app
+    from entrypoint.gateway.state import GatewayState
     from entrypoint.metrics import Metrics
     from entrypoint.reconcile.registry import AdapterRecord, Registry, State
     from entrypoint.runtime import service

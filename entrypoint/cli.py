@@ -211,7 +211,7 @@ def check_adapters(
 @app.command("config-reference", hidden=True)
 def config_reference() -> None:
     """Print docs/configuration.md, generated from the settings class."""
-    from entrypoint.config.settings import configuration_reference
+    from entrypoint.config.reference import configuration_reference
 
     typer.echo(configuration_reference(), nl=False)
 

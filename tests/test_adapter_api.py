@@ -365,7 +365,9 @@ def test_a_decision_that_cannot_be_kept_is_not_taken(world, library, tmp_path):
 def test_api_bodies_that_are_not_a_json_object_get_a_400_in_either_form(world):
     """(An API call's body is a name and a path: 64 KiB at most.)"""
     from entrypoint.backends.vllm import VLLMBackend
-    from entrypoint.gateway.app import MAX_API_BODY_BYTES, GatewayState, build_app
+    from entrypoint.gateway.api_routes import MAX_API_BODY_BYTES
+    from entrypoint.gateway.app import build_app
+    from entrypoint.gateway.state import GatewayState
     from entrypoint.gateway.upstream import Upstream
 
     state = GatewayState(served_name="tiny", backend=VLLMBackend(), registry=world.registry,

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from entrypoint.config.settings import Settings, configuration_reference, env_name
+from entrypoint.config.reference import configuration_reference
+from entrypoint.config.settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

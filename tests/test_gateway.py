@@ -15,15 +15,12 @@ import pytest
 
 from entrypoint.backends.sglang import SGLangBackend
 from entrypoint.backends.vllm import VLLMBackend
-from entrypoint.gateway.app import (
-    MAX_BODY_BYTES,
-    GatewayState,
-    Refusal,
-    Target,
-    build_app,
-    resolve,
-)
+from entrypoint.gateway.app import build_app
 from entrypoint.gateway.bodies import read_facts, renamed
+from entrypoint.gateway.errors import Refusal
+from entrypoint.gateway.intake import MAX_BODY_BYTES
+from entrypoint.gateway.routing import Target, resolve
+from entrypoint.gateway.state import GatewayState
 from entrypoint.gateway.upstream import Upstream
 from entrypoint.logs import JSONLineFormatter
 from entrypoint.metrics import Metrics
@@ -431,9 +428,9 @@ def test_a_request_held_at_the_gate_is_served_or_refused_when_it_opens(upstream,
     (True, True), (1, True), ("true", True), ("yes", True), ("On", True), (False, False),
     (0, False), ("no", False), (None, False), (2, False), ([], False), (1.0, False)])
 def test_load_inplace_is_read_as_vllm_reads_it(value, expected):
-    from entrypoint.gateway.app import _lax_bool
+    from entrypoint.backends.vllm import lax_bool
 
-    assert _lax_bool(value) is expected
+    assert lax_bool(value) is expected
 
 
 def test_a_connection_the_backend_closes_as_it_is_reused_is_retried_once():

@@ -6,6 +6,7 @@ Everything this project knows about SGLang's flags, routes, bodies and model-nam
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -36,6 +37,24 @@ def target_modules(adapter_modules: list[tuple[str, ...]]) -> list[str]:
             return ["all"]  # a regex, "all-linear" or an unknown module: take them all
         union |= names
     return sorted(union, key=TARGET_MODULES.index) if union else ["all"]
+
+
+def api_answer(ok: bool, status: int, message: str, loaded: dict[str, str]) -> tuple[int, dict]:
+    """SGLang's answer to a runtime LoRA call (`/load_lora_adapter`, `/unload_lora_adapter`):
+    its body (`loaded`: the adapters served, name -> folder), and its status, 400 for every
+    failure but a confinement (403) and an API that is off (404)."""
+    body = {"success": ok, "error_message": "" if ok else message, "loaded_adapters": loaded}
+    return (200 if ok else status if status in (403, 404) else 400), body
+
+
+def already_loaded(name: object) -> str:
+    """SGLang's words for a load of a name it serves already."""
+    return f"Failed to load LoRA adapter {name} because it is already loaded"
+
+
+def not_loaded(name: object, loaded: Iterable[str]) -> str:
+    """SGLang's words for an unload of a name it does not serve (`loaded`: the names it does)."""
+    return f"LoRA with name {name} does not exist. Loaded LoRAs: {', '.join(loaded)}"
 
 
 class SGLangBackend(Backend):

@@ -37,6 +37,21 @@ def error_message(response: httpx.Response) -> str:
     return response.text.strip()
 
 
+def api_answer(ok: bool, status: int, message: str, kind: str) -> tuple[int, str | dict]:
+    """vLLM's answer to a runtime LoRA call (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`):
+    the message as plain text on success, else its OpenAI error body."""
+    if ok:
+        return 200, message
+    return status, {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def lax_bool(value: object) -> bool:
+    """A JSON flag read as vLLM's request model reads it (true, 1, "true", "yes", "on")."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    return value is True or (type(value) is int and value == 1)
+
+
 class VLLMBackend(Backend):
     name: ClassVar[str] = "vllm"
     allowed_ranks: ClassVar[tuple[int, ...]] = RANKS

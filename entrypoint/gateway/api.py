@@ -5,12 +5,14 @@ fleet controllers (AIBrix) call vLLM's `POST /v1/load_lora_adapter`. Here a call
 intent (`Intent`, kept under NIM_CACHE_PATH) and asks the reconciler to carry it out, so an API
 adapter goes through the same validation, snapshots, states and reasons as a folder adapter, and
 the call answers with the outcome. Paths are confined to NIM_PEFT_SOURCE and
-NIM_PEFT_API_ALLOWED_PATHS. The gateway turns `Answer`s into vLLM's or SGLang's bodies.
+NIM_PEFT_API_ALLOWED_PATHS. `gateway.api_routes` turns `Answer`s into vLLM's or SGLang's bodies
+(their wording is in `entrypoint.backends`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 from collections.abc import Callable, Coroutine
@@ -18,12 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entrypoint.adapters.files import list_folder
-from entrypoint.adapters.folder import Origin, inspect_folder
+from entrypoint.adapters.folder import AdapterFolder, Origin, inspect_folder
 from entrypoint.adapters.names import display_name, name_problem, outside_roots
+from entrypoint.adapters.rank import RankLimit
 from entrypoint.reconcile.reconciler import Reconciler
 from entrypoint.reconcile.registry import Registry, State
 
 log = logging.getLogger(__name__)
+
+
+class Problem(enum.Enum):
+    """A failure that a form of the API (SGLang's) words its own way."""
+
+    ALREADY_LOADED = "already_loaded"  # the name is served already
 
 
 @dataclass(frozen=True)
@@ -34,13 +43,48 @@ class Answer:
     status: int
     message: str
     kind: str = ""
+    problem: Problem | None = None
 
     @classmethod
-    def error(cls, status: int, message: str) -> Answer:
+    def error(cls, status: int, message: str, problem: Problem | None = None) -> Answer:
         kinds = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
                  413: "BadRequestError", 500: "InternalServerError",
                  503: "ServiceUnavailableError"}
-        return cls(False, status, message, kinds.get(status, "Error"))
+        return cls(False, status, message, kinds.get(status, "Error"), problem)
+
+
+def invalid_folder_problem(folder: AdapterFolder, limit: RankLimit | None) -> str | None:
+    """Why an adapter folder cannot be loaded through the API, as its answer says it."""
+    problem = folder.problem
+    if (limit is not None and limit.derived and folder.rank
+            and folder.rank <= limit.engine_max and problem == limit.problem(folder.rank)):
+        # a failed call is not kept, so a restart alone would not raise the limit
+        problem = (f"rank {folder.rank} is above this server's rank limit "
+                   f"{limit.value}, derived at start from the adapters present then; "
+                   f"set NIM_MAX_LORA_RANK={limit.engine_rank(folder.rank)} and restart "
+                   "to serve it")
+    return problem
+
+
+class NameLocks:
+    """One lock per name, kept only while a call on that name runs or waits."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # per name: lock, its users
+
+    async def run(self, name: str, call: Coroutine[None, None, Answer]) -> Answer:
+        """Run `call` while no other call on `name` runs."""
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                return await call
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
 
 
 class AdapterAPI:
@@ -65,7 +109,7 @@ class AdapterAPI:
         self.reconciler = reconciler
         self.timeout = timeout
         self.off = off
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # per name: lock, its users
+        self._locks = NameLocks()  # API calls on one name run one at a time
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -103,8 +147,8 @@ class AdapterAPI:
             return Answer.error(400, f"lora_path '{display_name(path)}' is not an absolute path; "
                                 "give the folder of the adapter on this server (hub ids and "
                                 "URLs are not downloaded).")
-        return await self._serialised(name, self._load(name, Path(os.path.normpath(path)),
-                                                        replace=replace))
+        return await self._locks.run(name, self._load(name, Path(os.path.normpath(path)),
+                                                      replace=replace))
 
     async def _load(self, name: str, path: Path, *, replace: bool) -> Answer:
         assert self.reconciler is not None
@@ -129,22 +173,15 @@ class AdapterAPI:
             return await self._load_own_folder(name, path)
         if record is not None and record.servable and not replace:
             return Answer.error(400, f"The lora adapter '{name}' has already been loaded. If you "
-                                "want to load the adapter in place, set 'load_inplace' to True.")
+                                "want to load the adapter in place, set 'load_inplace' to True.",
+                                Problem.ALREADY_LOADED)
         if (full := self._full(name)) is not None:
             return full
         folder = await asyncio.to_thread(
             inspect_folder, path, limit=self.reconciler.scanner.limit,
             served_name=self.served_name, name=name, complete=True)
         if not folder.valid:
-            problem = folder.problem
-            limit = self.reconciler.scanner.limit
-            if (limit is not None and limit.derived and folder.rank
-                    and folder.rank <= limit.engine_max and problem == limit.problem(folder.rank)):
-                # a failed call is not kept, so a restart alone would not raise the limit
-                problem = (f"rank {folder.rank} is above this server's rank limit "
-                           f"{limit.value}, derived at start from the adapters present then; "
-                           f"set NIM_MAX_LORA_RANK={limit.engine_rank(folder.rank)} and restart "
-                           "to serve it")
+            problem = invalid_folder_problem(folder, self.reconciler.scanner.limit)
             return Answer.error(400, f"Adapter '{name}' at {display_name(str(path))} cannot be "
                                 f"loaded: {problem}.")
         if (full := self._full(name)) is not None:  # (loads of other names ran meanwhile)
@@ -196,7 +233,7 @@ class AdapterAPI:
             record = self.registry.get(name)
             if record is not None and record.servable:
                 return Answer.error(400, f"The lora adapter '{name}' has already been loaded "
-                                    "(from its folder in NIM_PEFT_SOURCE).")
+                                    "(from its folder in NIM_PEFT_SOURCE).", Problem.ALREADY_LOADED)
         else:
             fingerprint = intent.unloaded.pop(name)
             if (unsaved := self._keep(lambda: intent.unloaded.update({name: fingerprint}))
@@ -219,7 +256,7 @@ class AdapterAPI:
             return refused
         if not name or not isinstance(name, str):
             return Answer.error(400, "'lora_name' needs to be provided to unload a LoRA adapter.")
-        return await self._serialised(name, self._unload(name))
+        return await self._locks.run(name, self._unload(name))
 
     async def _unload(self, name: str) -> Answer:
         assert self.reconciler is not None
@@ -280,17 +317,3 @@ class AdapterAPI:
         self._put_back(name, previous)
         self.reconciler.intent.save_or_warn()
         await self.reconciler.converge(name, timeout=self.timeout)  # nothing of it stays
-
-    async def _serialised(self, name: str, call: Coroutine[None, None, Answer]) -> Answer:
-        """Run `call` while no other API call on `name` runs."""
-        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
-        self._locks[name] = (lock, users + 1)
-        try:
-            async with lock:
-                return await call
-        finally:
-            lock, users = self._locks[name]
-            if users == 1:
-                del self._locks[name]
-            else:
-                self._locks[name] = (lock, users - 1)

@@ -35,8 +35,9 @@ from entrypoint.config.hardware import detect_gpus
 from entrypoint.config.profiles import Profile, load_profiles, model_parameters, select_profile
 from entrypoint.config.settings import ConfigError, Settings
 from entrypoint.gateway.api import AdapterAPI
-from entrypoint.gateway.app import GatewayState, build_app
+from entrypoint.gateway.app import build_app
 from entrypoint.gateway.http import HeaderDeadlineProtocol
+from entrypoint.gateway.state import GatewayState
 from entrypoint.gateway.upstream import Upstream
 from entrypoint.metrics import LoraRequestsInfo, Metrics
 from entrypoint.reconcile.calls import DRAIN_SECS, LATE_SWAP_WATCH_SECS
