@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from entrypoint.config.settings import load_settings
-from entrypoint.runtime.service import ADAPTER_LOOP, Service, resolve
+from entrypoint.runtime.service import ADAPTER_LOOP, Service
+from entrypoint.runtime.startup import resolve
 from entrypoint.runtime.tasks import ServiceTasks
 from tests.conftest import copy_adapter
 
