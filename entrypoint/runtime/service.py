@@ -2,16 +2,19 @@
 
 One asyncio loop runs everything. Owns the signals (SIGTERM/SIGINT stop the backend gracefully and
 exit 0), the exit code (non-zero when the backend dies), readiness and the backend's health loop.
-Holds no backend knowledge itself and decides nothing `resolve` decided
+Every resource it opens declares its own cleanup as it is opened, on one exit stack, so the stop
+is the start in reverse. Holds no backend knowledge itself and decides nothing `resolve` decided
 (that is `startup.py`); sockets and clients are made in `net.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,42 +143,74 @@ class Service:
     # ---- start and stop ----
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        become_subreaper()  # orphaned backend helpers come to us, as to PID 1, and are reaped
-        self.tasks = tasks = ServiceTasks()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        sock = listen(self.host, self.settings.server_port)
-        config = uvicorn.Config(build_app(self.gateway), **GATEWAY_SERVER_OPTIONS)
-        server = GatewayServer(config)
-        tasks.vital("public port", server.serve(sockets=[sock]))
-        tasks.loop("reaper", self._reap)
-        log.info("public port %s:%d; starting %s with profile %s", self.host,
-                 self.settings.server_port, self.plan.backend.name, self.plan.profile.name)
-        try:
-            await self.process.start()
-            tasks.vital("backend", self._watch_backend())
-            tasks.vital("start-up", self._start_up())
+        """Start, serve until a signal or the backend's death, stop; returns the exit code.
+
+        Each resource pushes its cleanup onto one exit stack as it is opened, so the stop is the
+        start in reverse, and a start that fails half-way undoes what it had done: the loops,
+        the reconciler's work, the backend (SIGTERM, then its process group), the public port's
+        answers in flight, the tasks left, the socket, the clients, the snapshots and downloads.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            tasks = await self._start(stack)
             code = await tasks.wait()
             if code != EXIT_OK and tasks.reason:
                 log.error("stopping with exit code %d: %s", code, tasks.reason)
             return code
-        finally:
-            await tasks.cancel(ADAPTER_LOOP, HEALTH_LOOP, "start-up", "reaper")
-            if self.reconciler is not None:
-                await self.reconciler.close()
-            await self.process.stop()
-            reap_orphans(set())
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> ServiceTasks:
+        self._keep_files_until_stopped(stack)
+        stack.push_async_callback(self.proxy_client.close)
+        stack.push_async_callback(self.client.aclose)
+        sock = stack.enter_context(contextlib.closing(listen(self.host, self.settings.server_port)))
+        become_subreaper()  # orphaned backend helpers come to us, as to PID 1, and are reaped
+        self.tasks = tasks = ServiceTasks()
+        stack.push_async_callback(tasks.cancel)  # whatever still runs (backend watch, port)
+        self._take_signals()
+        self._serve_public_port(stack, sock)
+        log.info("public port %s:%d; starting %s with profile %s", self.host,
+                 self.settings.server_port, self.plan.backend.name, self.plan.profile.name)
+        stack.push_async_callback(self._stop_backend)
+        await self.process.start()
+        if self.reconciler is not None:
+            stack.push_async_callback(self.reconciler.close)
+        tasks.loop("reaper", self._reap)
+        stack.push_async_callback(tasks.cancel, "reaper")
+        tasks.vital("backend", self._watch_backend())
+        tasks.vital("start-up", self._start_up())
+        stack.push_async_callback(tasks.cancel, ADAPTER_LOOP, HEALTH_LOOP, "start-up")
+        return tasks
+
+    def _keep_files_until_stopped(self, stack: contextlib.AsyncExitStack) -> None:
+        """The snapshots and s3:// downloads (both per instance) go once nothing serves them."""
+        if isinstance(self.settings.peft_source, S3Url):
+            stack.push_async_callback(asyncio.to_thread, shutil.rmtree,
+                                      downloads_folder(self.settings), True)
+        if self.snapshots is not None:
+            stack.push_async_callback(asyncio.to_thread, self.snapshots.remove_all)
+
+    def _take_signals(self) -> None:
+        """SIGTERM and SIGINT stop the service. The handlers stay until the loop closes, so a
+        second signal during the stop changes nothing."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _serve_public_port(self, stack: contextlib.AsyncExitStack, sock: socket.socket) -> None:
+        assert self.tasks is not None
+        tasks = self.tasks
+        server = GatewayServer(uvicorn.Config(build_app(self.gateway), **GATEWAY_SERVER_OPTIONS))
+        tasks.vital("public port", server.serve(sockets=[sock]))
+
+        async def close() -> None:
             server.should_exit = True  # finish the answers in flight, then close
             await tasks.finish("public port", timeout=PUBLIC_PORT_DRAIN_SECS)
-            await tasks.cancel()
-            await self.client.aclose()
-            await self.proxy_client.close()
-            sock.close()
-            if self.snapshots is not None:  # nothing serves them any more
-                await asyncio.to_thread(self.snapshots.remove_all)
-            if isinstance(self.settings.peft_source, S3Url):  # (as the snapshots: per instance)
-                await asyncio.to_thread(shutil.rmtree, downloads_folder(self.settings), True)
+
+        stack.push_async_callback(close)
+
+    async def _stop_backend(self) -> None:
+        """SIGTERM the backend, then SIGKILL its process group; reap whatever it left."""
+        await self.process.stop()
+        reap_orphans(set())
 
     def _on_signal(self, sig: int) -> None:
         assert self.tasks is not None
