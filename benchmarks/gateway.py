@@ -42,15 +42,13 @@ def serve_gateway(upstream: str, port: int) -> None:
     from entrypoint.gateway.state import GatewayState
     from entrypoint.metrics import Metrics
     from entrypoint.reconcile.registry import AdapterRecord, Registry, State
-    from entrypoint.runtime import service
-    from entrypoint.runtime.service import (
+    from entrypoint.runtime.net import (
         GATEWAY_SERVER_OPTIONS,
-        _GatewayServer,
+        GatewayServer,
         listen,
         proxy_client,
+        run_event_loop,
     )
-
-    run_event_loop = getattr(service, "run_event_loop", asyncio.run)  # (older trees: asyncio)
 
     registry = Registry()
     registry.put(AdapterRecord(name="alpha", state=State.READY, source=Path("/loras/alpha"),
@@ -59,7 +57,7 @@ def serve_gateway(upstream: str, port: int) -> None:
                          client=proxy_client(upstream), readiness=lambda: None, backend_up=True,
                          metrics=Metrics(registry))
     # Exactly as `serve` runs it: our own listening socket, uvicorn on it.
-    server = _GatewayServer(uvicorn.Config(build_app(state), **GATEWAY_SERVER_OPTIONS))
+    server = GatewayServer(uvicorn.Config(build_app(state), **GATEWAY_SERVER_OPTIONS))
 
     async def main() -> int:
         await server.serve(sockets=[listen("127.0.0.1", port)])
@@ -344,7 +342,7 @@ def start_run(args: argparse.Namespace) -> dict:
     environment) started bare to its `/health`, alternating, static and dynamic, with 100
     adapters present."""
     from entrypoint.config.settings import load_settings
-    from entrypoint.runtime.service import resolve
+    from entrypoint.runtime.startup import resolve
     from lora_demo import build_adapter, build_base_model
     from tests.e2e.server import Server, clean_env
 

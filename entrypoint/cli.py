@@ -87,7 +87,7 @@ def serve(
         peft_refresh_interval=refresh_interval, model_profile=profile,
     )
     if dry_run:
-        from entrypoint.runtime.service import resolve
+        from entrypoint.runtime.startup import resolve
 
         setup_logging(settings.log_level, jsonl=settings.jsonl_logging)
         try:
@@ -176,7 +176,7 @@ def check_adapters(
     derived from them for the backend of the profile `serve` would choose.
     """
     from entrypoint.runtime.launch import plan_backend
-    from entrypoint.runtime.service import choose_profile, judge_adapters, kept_intent
+    from entrypoint.runtime.startup import choose_profile, judge_adapters, kept_intent
 
     settings = _settings(need_model=False, peft_source=folder)
     if settings.peft_source is None:

@@ -238,7 +238,7 @@ def test_public_socket_disables_nagle():
     """Without TCP_NODELAY a keep-alive client waited 40 ms (delayed ACK) for every answer."""
     import socket
 
-    from entrypoint.runtime.service import listen
+    from entrypoint.runtime.net import listen
 
     sock = listen("127.0.0.1", free_port())
     try:
@@ -475,14 +475,14 @@ class LiveGateway:
 
         import uvicorn
 
-        from entrypoint.runtime.service import GATEWAY_SERVER_OPTIONS, _GatewayServer
+        from entrypoint.runtime.net import GATEWAY_SERVER_OPTIONS, GatewayServer
 
         self.state = state
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(build_app(state), host="127.0.0.1", port=self.port,
                                 **GATEWAY_SERVER_OPTIONS)
-        self.server = _GatewayServer(config)
+        self.server = GatewayServer(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         for _ in range(200):

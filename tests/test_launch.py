@@ -6,7 +6,7 @@ import pytest
 from entrypoint.config.profiles import find_profile, load_profiles
 from entrypoint.config.settings import ConfigError, load_settings
 from entrypoint.runtime.launch import build_launch_plan, plan_backend
-from entrypoint.runtime.service import judge_adapters
+from entrypoint.runtime.startup import judge_adapters
 from tests.conftest import copy_adapter, edit_config
 
 CPU_LORA = "vllm-cpu-bf16-tp1-pp1-feat_lora"
@@ -31,9 +31,10 @@ def plan_for(monkeypatch, tiny_model, source, profile=CPU_LORA, **env):
         monkeypatch.setenv(key, value)
     settings = load_settings()
     chosen = find_profile(load_profiles(), profile)
-    adapters, limit = judge_adapters(settings, plan_backend(settings, chosen))
-    return build_launch_plan(settings, chosen, list(adapters), limit=limit, port=9999,
-                             python="python")
+    backend = plan_backend(settings, chosen)
+    adapters, limit = judge_adapters(settings, backend)
+    return build_launch_plan(settings, chosen, list(adapters), backend=backend, limit=limit,
+                             port=9999, python="python")
 
 
 def flag(argv, name):
@@ -207,9 +208,11 @@ def closed_plan(monkeypatch, tiny_model, source, profile, **env):
         monkeypatch.setenv(key, value)
     settings = load_settings()
     chosen = find_profile(load_profiles(), profile)
-    adapters, limit = judge_adapters(settings, plan_backend(settings, chosen))
-    return build_launch_plan(settings, chosen, list(adapters), limit=limit, port=9999,
-                             python="python", uds="/run/x/vllm.sock", internal_key="k-internal")
+    backend = plan_backend(settings, chosen)
+    adapters, limit = judge_adapters(settings, backend)
+    return build_launch_plan(settings, chosen, list(adapters), backend=backend, limit=limit,
+                             port=9999, python="python", uds="/run/x/vllm.sock",
+                             internal_key="k-internal")
 
 
 def test_vllm_listens_only_on_a_unix_socket(monkeypatch, tiny_model, source):

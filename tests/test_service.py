@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from entrypoint.config.settings import load_settings
-from entrypoint.runtime.service import ADAPTER_LOOP, Service, resolve
+from entrypoint.runtime.service import ADAPTER_LOOP, Service
+from entrypoint.runtime.startup import resolve
 from entrypoint.runtime.tasks import ServiceTasks
 from tests.conftest import copy_adapter
 
@@ -80,3 +81,99 @@ def test_the_runtime_api_is_on_in_dynamic_mode_unless_turned_off(monkeypatch, ti
     assert "static mode" in off_reason()
     assert off_reason(NIM_PEFT_REFRESH_INTERVAL="5") is None
     assert "NIM_PEFT_API_ENABLED=false" in off_reason(NIM_PEFT_API_ENABLED="false")
+
+
+class FakeBackend:
+    """Stands in for `BackendProcess`: records what the service asks of it."""
+
+    pid = None
+    tail: tuple[str, ...] = ()
+
+    def __init__(self, events: list[str], port: int, *, fail_start: bool = False) -> None:
+        self.events, self.port, self.fail_start = events, port, fail_start
+        self.exited: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        self.exited = asyncio.Event()
+        if self.fail_start:
+            raise OSError("no such engine")
+        self.events.append("backend started")
+
+    async def wait_ready(self, client, path) -> bool:
+        return True
+
+    async def wait(self) -> int:
+        assert self.exited is not None
+        await self.exited.wait()
+        return 0
+
+    async def stop(self) -> int:
+        self.events.append("backend stopped")
+        if port_accepts(self.port):
+            self.events.append("public port still open")
+        if self.exited is not None:
+            self.exited.set()
+        return 0
+
+
+def port_accepts(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def record(monkeypatch, client, method: str, events: list[str], event: str) -> None:
+    close = getattr(client, method)
+
+    async def closing() -> None:
+        events.append(event)
+        await close()
+
+    monkeypatch.setattr(client, method, closing)
+
+
+def run_with_fake_backend(monkeypatch, tiny_model, *, fail_start: bool) -> tuple[list, object]:
+    from tests.e2e.server import free_port
+
+    port = free_port()
+    monkeypatch.setenv("NIM_MODEL_NAME", str(tiny_model))
+    monkeypatch.setenv("NIM_SERVER_PORT", str(port))
+    events: list[str] = []
+    # (the test process must not become a subreaper nor reap pytest's children)
+    monkeypatch.setattr("entrypoint.runtime.service.become_subreaper", lambda: True)
+    monkeypatch.setattr("entrypoint.runtime.service.reap_orphans",
+                        lambda keep: events.append("orphans reaped") or [])
+    startup = resolve(load_settings(), backend_port=1, dry_run=True)
+
+    async def scenario() -> object:
+        service = Service(startup, host="127.0.0.1")
+        service.process = FakeBackend(events, port, fail_start=fail_start)
+        service.on_ready = lambda: service.tasks.stop(0)
+        record(monkeypatch, service.client, "aclose", events, "admin client closed")
+        record(monkeypatch, service.proxy_client, "close", events, "proxy client closed")
+        try:
+            return await service.run()
+        except OSError as exc:
+            return exc
+        finally:
+            events.append("port closed" if not port_accepts(port) else "port left open")
+
+    return events, asyncio.run(scenario())
+
+
+def test_the_stop_is_the_start_in_reverse(monkeypatch, tiny_model):
+    events, code = run_with_fake_backend(monkeypatch, tiny_model, fail_start=False)
+    assert code == 0
+    # the backend stops while the public port still finishes its answers; then the port,
+    # the clients
+    assert events == ["backend started", "backend stopped", "public port still open",
+                      "orphans reaped", "admin client closed", "proxy client closed",
+                      "port closed"]
+
+
+def test_a_start_that_fails_half_way_undoes_what_it_did(monkeypatch, tiny_model):
+    events, error = run_with_fake_backend(monkeypatch, tiny_model, fail_start=True)
+    assert isinstance(error, OSError)
+    assert events == ["backend stopped", "public port still open", "orphans reaped",
+                      "admin client closed", "proxy client closed", "port closed"]

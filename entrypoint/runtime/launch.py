@@ -108,6 +108,7 @@ def build_launch_plan(
     profile: Profile,
     adapters: list[AdapterFolder],
     *,
+    backend: Backend,
     limit: RankLimit,
     port: int,
     python: str = sys.executable,
@@ -116,14 +117,13 @@ def build_launch_plan(
     internal_key: str | None = None,
 ) -> LaunchPlan:
     """The backend's argv and env. Only valid adapters are ever passed at start (`adapters`
-    are already judged against `limit`).
+    are already judged against `limit`; `backend` is the profile's, as `plan_backend` gave it).
 
     `load_paths` maps static adapters to the snapshot they are served from (default: their
     folders, as `serve --dry-run` shows them). The backend is closed to everything but the
     entrypoint: an engine that can listens on `uds` (a socket in a private folder); another
     requires `internal_key` of every caller, unless the user set a key of their own.
     """
-    backend = plan_backend(settings, profile)
     user_keys = backend.api_keys(settings)
     socket = uds if backend.unix_socket else None
     key = None if socket or user_keys else internal_key

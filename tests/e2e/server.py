@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import httpx
 import openai
 
-from entrypoint.runtime.service import free_port  # the one free_port (tests import it from here)
+from entrypoint.runtime.net import free_port  # the one free_port (tests import it from here)
 from tests.conftest import copy_adapter, install_fake_smi
 
 BIN = Path(sys.executable).parent / "lora-entrypoint"

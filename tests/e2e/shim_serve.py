@@ -23,13 +23,9 @@ from starlette.routing import Route
 
 from entrypoint.config.settings import load_settings
 from entrypoint.logs import setup_logging
-from entrypoint.runtime.service import (
-    Service,
-    _GatewayServer,
-    private_folder,
-    resolve,
-    snapshot_store,
-)
+from entrypoint.runtime.net import GatewayServer
+from entrypoint.runtime.service import Service
+from entrypoint.runtime.startup import private_folder, resolve, snapshot_store
 
 
 def build_shim(upstream: str, uds: str | None = None) -> Starlette:
@@ -106,7 +102,7 @@ def main() -> int:
                                            headers=service.client.headers)
         if service.reconciler is not None:
             service.reconciler.client = service.client
-        shim = _GatewayServer(uvicorn.Config(
+        shim = GatewayServer(uvicorn.Config(
             build_shim(startup.plan.backend_url, startup.plan.uds), host="127.0.0.1",
             port=shim_port, log_config=None, access_log=False, lifespan="off"))
         task = asyncio.create_task(shim.serve())
