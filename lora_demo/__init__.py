@@ -121,11 +121,11 @@ def tiny_llama_config(vocab: int, *, hidden: int = 256, intermediate: int = 512,
 def build_base_model(out: Path, *, seed: int = 0, **shape: int) -> Path:
     """A 2-layer Llama with random (seeded) bf16 weights and its tokenizer: 256 wide, or the
     `shape` given (`WIDE`: as wide as the adapters users serve)."""
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out  # (before importing torch: a test run that finds it pays nothing)
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -150,12 +150,12 @@ def build_adapter(
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
 ) -> Path:
     """A LoRA adapter for `model` with random (seeded, non-zero) weights, written with peft."""
+    if (out / "adapter_config.json").exists():
+        return out
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    if (out / "adapter_config.json").exists():
-        return out
     base = LlamaForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
     config = LoraConfig(
         r=rank,
@@ -310,11 +310,11 @@ def build_demo_model(out: Path) -> Path:
     """The demo's base model: the test model's shape (2 layers, 256 wide, bf16) with a tokenizer
     that also knows the demo's sentences, fully fine-tuned (fp32, seeded) to answer
     DEMO_BASE_ANSWER to any demo prompt. Checked in bf16 before it is saved."""
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out  # (before importing torch: a test run that finds it pays nothing)
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
     tmp = _atomic_dir(out)
     tmp.mkdir(parents=True)
     build_tokenizer(tmp, corpus=_demo_corpus(), vocab_size=_DEMO_VOCAB)

@@ -130,7 +130,9 @@ class Backend(ABC):
 
     def api_keys(self, settings: Settings) -> tuple[str, ...]:
         """The keys the engine will require as `Authorization: Bearer <key>` (none: open)."""
-        return tuple(key for key in settings.passthrough_values("--api-key") if key)
+        # (imported here, not at the top: vLLM's own processes import this package)
+        from entrypoint.config.settings import passthrough_values
+        return tuple(key for key in passthrough_values(settings, "--api-key") if key)
 
     def rank_limit(self, wanted: int) -> int | None:
         """The smallest allowed max-rank covering `wanted`, or None when none does."""

@@ -75,7 +75,9 @@ class VLLMBackend(Backend):
 
     def api_keys(self, settings: Settings) -> tuple[str, ...]:
         # vLLM: `--api-key` takes one or more keys and replaces VLLM_API_KEY when given.
-        keys = settings.passthrough_values("--api-key", many=True) or [settings.vllm_api_key or ""]
+        # (imported here, not at the top: vLLM's own processes import this package)
+        from entrypoint.config.settings import passthrough_values
+        keys = passthrough_values(settings, "--api-key", many=True) or [settings.vllm_api_key or ""]
         return tuple(key for key in keys if key)
 
     def argv(

@@ -245,13 +245,7 @@ class Settings(BaseSettings):
     @field_validator("passthrough_args")
     @classmethod
     def _passthrough(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                shlex.split(value)
-            except ValueError as exc:
-                message = f"cannot be split into arguments ({exc}); check its quoting"
-                raise ValueError(message) from None
-        return value
+        return _splittable(value)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
@@ -300,82 +294,6 @@ class Settings(BaseSettings):
     def passthrough(self) -> list[str]:
         return shlex.split(self.passthrough_args) if self.passthrough_args else []
 
-    def passthrough_values(self, option: str, *, many: bool = False) -> list[str]:
-        """The values NIM_PASSTHROUGH_ARGS gives `option` (`--opt v`, `--opt=v`), last one wins.
-
-        With `many`, the option takes every value up to the next option (argparse `nargs="+"`).
-        """
-        args, found = self.passthrough, []
-        for i, arg in enumerate(args):
-            if arg.startswith(option + "="):
-                found = [arg.split("=", 1)[1]]
-            elif arg == option:
-                values = []
-                for value in args[i + 1:]:
-                    if value.startswith("-") and len(value) > 1:
-                        break
-                    values.append(value)
-                    if not many:
-                        break
-                found = values
-        return found
-
-    def check_paths(self, *, need_model: bool = True) -> None:
-        """Checks that need the file system; raises `ConfigError`."""
-        if not need_model:
-            pass
-        elif not self.model_name:
-            raise ConfigError(
-                "NIM_MODEL_NAME is not set: point it (or NIM_MODEL_PATH) at the base model folder"
-            )
-        else:
-            model = Path(self.model_name).expanduser()
-            looks_local = self.model_name.startswith(("/", ".", "~")) or model.exists()
-            if looks_local and not model.is_dir():
-                raise ConfigError(
-                    f"NIM_MODEL_NAME={self.model_name}: no such folder; mount the model there or "
-                    "fix the path"
-                )
-            if looks_local and (unreadable := _unreadable(model)) is not None:
-                raise ConfigError(
-                    f"NIM_MODEL_NAME={self.model_name}: {unreadable} cannot be read by this user "
-                    f"(uid {os.geteuid()}); make the model readable (chmod -R a+rX) or run as "
-                    "its owner (docker run -u UID:GID)"
-                )
-        if isinstance(self.peft_source, S3Url):
-            if importlib.util.find_spec("boto3") is None:
-                raise ConfigError(f"NIM_PEFT_SOURCE={self.peft_source}: the S3 client (boto3) "
-                                  f"is not installed; {INSTALL}")
-        elif self.peft_source is not None:
-            source = self.peft_source.expanduser()
-            if not source.exists():
-                raise ConfigError(
-                    f"NIM_PEFT_SOURCE={self.peft_source}: no such folder; create it or mount "
-                    "your adapter folder there"
-                )
-            if not source.is_dir():
-                raise ConfigError(
-                    f"NIM_PEFT_SOURCE={self.peft_source}: is a file, not a folder; point it at "
-                    "the folder that holds one sub-folder per adapter"
-                )
-        for allowed in self.api_allowed_paths:
-            where = f"NIM_PEFT_API_ALLOWED_PATHS={self.peft_api_allowed_paths}: {allowed!r}"
-            if not Path(allowed).is_absolute():
-                raise ConfigError(f"{where} is not an absolute path; list absolute folders "
-                                  "separated by ':'")
-            if not Path(allowed).is_dir():
-                raise ConfigError(f"{where}: no such folder; create it, mount it, or leave it "
-                                  "out")
-            if os.path.realpath(allowed) == "/":
-                raise ConfigError(f"{where} is the root folder, which would let runtime loads "
-                                  "read any file on this machine; list the folders adapters "
-                                  "are kept in")
-        if self.peft_refresh_interval is not None and self.peft_source is None:
-            raise ConfigError(
-                "NIM_PEFT_REFRESH_INTERVAL is set but NIM_PEFT_SOURCE is not: set NIM_PEFT_SOURCE "
-                "to the adapter folder to watch"
-            )
-
 
 def _describe(error: Mapping[str, Any]) -> str:
     loc = [str(part) for part in error.get("loc", ()) if part != "__root__"]
@@ -404,7 +322,7 @@ def load_settings(*, need_model: bool = True, **overrides: Any) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc.errors()[0])) from None
-    settings.check_paths(need_model=need_model)
+    check_paths(settings, need_model=need_model)
     return settings
 
 
@@ -424,3 +342,92 @@ def _unreadable(folder: Path) -> str | None:
         if entry.is_file() and not os.access(entry, os.R_OK, effective_ids=effective):
             return entry.name
     return None
+
+
+def passthrough_values(settings: Settings, option: str, *, many: bool = False) -> list[str]:
+    """The values NIM_PASSTHROUGH_ARGS gives `option` (`--opt v`, `--opt=v`), last one wins.
+
+    With `many`, the option takes every value up to the next option (argparse `nargs="+"`).
+    """
+    args, found = settings.passthrough, []
+    for i, arg in enumerate(args):
+        if arg.startswith(option + "="):
+            found = [arg.split("=", 1)[1]]
+        elif arg == option:
+            values = []
+            for value in args[i + 1:]:
+                if value.startswith("-") and len(value) > 1:
+                    break
+                values.append(value)
+                if not many:
+                    break
+            found = values
+    return found
+
+
+def check_paths(settings: Settings, *, need_model: bool = True) -> None:
+    """Checks that need the file system; raises `ConfigError`."""
+    if not need_model:
+        pass
+    elif not settings.model_name:
+        raise ConfigError(
+            "NIM_MODEL_NAME is not set: point it (or NIM_MODEL_PATH) at the base model folder"
+        )
+    else:
+        model = Path(settings.model_name).expanduser()
+        looks_local = settings.model_name.startswith(("/", ".", "~")) or model.exists()
+        if looks_local and not model.is_dir():
+            raise ConfigError(
+                f"NIM_MODEL_NAME={settings.model_name}: no such folder; mount the model there or "
+                "fix the path"
+            )
+        if looks_local and (unreadable := _unreadable(model)) is not None:
+            raise ConfigError(
+                f"NIM_MODEL_NAME={settings.model_name}: {unreadable} cannot be read by this user "
+                f"(uid {os.geteuid()}); make the model readable (chmod -R a+rX) or run as "
+                "its owner (docker run -u UID:GID)"
+            )
+    if isinstance(settings.peft_source, S3Url):
+        if importlib.util.find_spec("boto3") is None:
+            raise ConfigError(f"NIM_PEFT_SOURCE={settings.peft_source}: the S3 client (boto3) "
+                              f"is not installed; {INSTALL}")
+    elif settings.peft_source is not None:
+        source = settings.peft_source.expanduser()
+        if not source.exists():
+            raise ConfigError(
+                f"NIM_PEFT_SOURCE={settings.peft_source}: no such folder; create it or mount "
+                "your adapter folder there"
+            )
+        if not source.is_dir():
+            raise ConfigError(
+                f"NIM_PEFT_SOURCE={settings.peft_source}: is a file, not a folder; point it at "
+                "the folder that holds one sub-folder per adapter"
+            )
+    for allowed in settings.api_allowed_paths:
+        where = f"NIM_PEFT_API_ALLOWED_PATHS={settings.peft_api_allowed_paths}: {allowed!r}"
+        if not Path(allowed).is_absolute():
+            raise ConfigError(f"{where} is not an absolute path; list absolute folders "
+                              "separated by ':'")
+        if not Path(allowed).is_dir():
+            raise ConfigError(f"{where}: no such folder; create it, mount it, or leave it "
+                              "out")
+        if os.path.realpath(allowed) == "/":
+            raise ConfigError(f"{where} is the root folder, which would let runtime loads "
+                              "read any file on this machine; list the folders adapters "
+                              "are kept in")
+    if settings.peft_refresh_interval is not None and settings.peft_source is None:
+        raise ConfigError(
+            "NIM_PEFT_REFRESH_INTERVAL is set but NIM_PEFT_SOURCE is not: set NIM_PEFT_SOURCE "
+            "to the adapter folder to watch"
+        )
+
+
+def _splittable(value: str | None) -> str | None:
+    """`value`, when it splits into arguments like a shell line (NIM_PASSTHROUGH_ARGS)."""
+    if value is not None:
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            message = f"cannot be split into arguments ({exc}); check its quoting"
+            raise ValueError(message) from None
+    return value

@@ -15,7 +15,7 @@ import asyncio
 import enum
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,8 +187,7 @@ class AdapterAPI:
         if (full := self._full(name)) is not None:  # (loads of other names ran meanwhile)
             return full
         previous = intent.loaded.get(name)
-        intent.loaded[name] = path
-        if (unsaved := self._keep(lambda: self._put_back(name, previous))) is not None:
+        if (unsaved := self._keep(loaded={name: path})) is not None:
             return unsaved
         await self.reconciler.converge(name, timeout=self.timeout)
         record = self.registry.get(name)
@@ -234,11 +233,8 @@ class AdapterAPI:
             if record is not None and record.servable:
                 return Answer.error(400, f"The lora adapter '{name}' has already been loaded "
                                     "(from its folder in NIM_PEFT_SOURCE).", Problem.ALREADY_LOADED)
-        else:
-            fingerprint = intent.unloaded.pop(name)
-            if (unsaved := self._keep(lambda: intent.unloaded.update({name: fingerprint}))
-                    ) is not None:
-                return unsaved
+        elif (unsaved := self._keep(unloaded={name: None})) is not None:
+            return unsaved
         await self.reconciler.converge(name, timeout=self.timeout)
         record = self.registry.get(name)
         if record is not None and record.servable:
@@ -264,22 +260,15 @@ class AdapterAPI:
         record = self.registry.get(name)
         own = self.source / name if self.source is not None else None
         if name in intent.loaded:
-            previous = intent.loaded.pop(name)
             # A folder of that name (added after the API load) must not take its place.
             hide = list_folder(str(own)).fingerprint if own is not None and own.is_dir() else None
         elif record is not None and record.origin is Origin.FOLDER and (
                 record.servable or record.state is State.REMOVING):
-            previous, hide = None, record.version
+            hide = record.version
         else:
             return Answer.error(404, f"The lora adapter '{name}' cannot be found.")
-        if hide is not None:
-            intent.unloaded[name] = hide
-
-        def undo() -> None:
-            intent.unloaded.pop(name, None)
-            self._put_back(name, previous)
-
-        if (unsaved := self._keep(undo)) is not None:
+        if (unsaved := self._keep(loaded={name: None}, unloaded={name: hide} if hide else {})
+                ) is not None:
             return unsaved
         await self.reconciler.converge(name, timeout=self.timeout)
         record = self.registry.get(name)
@@ -291,29 +280,20 @@ class AdapterAPI:
 
     # ---- helpers ----
 
-    def _keep(self, undo: Callable[[], None]) -> Answer | None:
-        """Write the intent just changed; when it cannot be written, `undo` the change and say
+    def _keep(self, *, loaded: dict[str, Path | None] | None = None,
+              unloaded: dict[str, str | None] | None = None) -> Answer | None:
+        """Change the intent; when it cannot be written, it stays as it was and the answer says
         why (a decision a restart would not remember is not taken)."""
         assert self.reconciler is not None
         try:
-            self.reconciler.intent.save()
+            self.reconciler.intent.change(loaded=loaded, unloaded=unloaded)
             return None
         except OSError as exc:
-            undo()
             return Answer.error(500, f"Cannot write {self.reconciler.intent.file} under "
                                 f"NIM_CACHE_PATH ({exc.strerror or exc}); make it writable.")
-
-    def _put_back(self, name: str, previous: Path | None) -> None:
-        """The API adapter `name` from `previous` again (None: not an API adapter)."""
-        assert self.reconciler is not None
-        if previous is None:
-            self.reconciler.intent.loaded.pop(name, None)
-        else:
-            self.reconciler.intent.loaded[name] = previous
 
     async def _revert(self, name: str, previous: Path | None) -> None:
         """Undo a load that failed: the previous folder (or none) again, acted on."""
         assert self.reconciler is not None
-        self._put_back(name, previous)
-        self.reconciler.intent.save_or_warn()
+        self.reconciler.intent.change_or_warn(loaded={name: previous})
         await self.reconciler.converge(name, timeout=self.timeout)  # nothing of it stays

@@ -221,7 +221,8 @@ class Registry:
         return existing
 
     def put(self, record: AdapterRecord) -> AdapterState:
-        """Show `record` for its name (the static start; tests). `since` stays while the state
+        """Show `record` for its name (tests and benchmarks of the gateway; the service changes
+        states only through their transitions). `since` stays while the state
         does not change."""
         existing = self._states.get(record.name)
         if existing is None:

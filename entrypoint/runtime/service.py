@@ -29,7 +29,7 @@ from entrypoint.gateway.state import GatewayState
 from entrypoint.metrics import LoraRequestsInfo, Metrics
 from entrypoint.reconcile.calls import DRAIN_SECS, LATE_SWAP_WATCH_SECS
 from entrypoint.reconcile.reconciler import Reconciler
-from entrypoint.reconcile.registry import AdapterRecord, Registry, State, Traffic
+from entrypoint.reconcile.registry import Registry, Traffic
 from entrypoint.runtime.net import (
     GATEWAY_SERVER_OPTIONS,
     GatewayServer,
@@ -302,8 +302,7 @@ class Service:
                               self.settings.peft_source)
             return
         # Static mode: the backend loaded the valid adapters at start.
-        for record in static_records(self.startup):
-            self.registry.put(record)
+        show_static(self.startup, self.registry)
         if self.settings.peft_source is not None:
             log.info("static mode: NIM_PEFT_REFRESH_INTERVAL is unset, so changes to %s are "
                      "ignored until a restart", self.settings.peft_source)
@@ -342,25 +341,19 @@ def adapter_api(settings: Settings, registry: Registry,
         "static mode (set NIM_PEFT_REFRESH_INTERVAL to manage adapters at runtime)")
 
 
-def static_records(startup: Startup) -> list[AdapterRecord]:
-    """What a static server serves: each adapter found at start, ready or failed with why
-    (a failed one is logged)."""
+def show_static(startup: Startup, registry: Registry) -> None:
+    """What a static server serves, through the states' own transitions: each adapter found at
+    start, ready, or failed with why (a failed one is logged)."""
     served = dict(startup.plan.static_paths)
-    records = []
     for folder in startup.adapters:
+        state = registry.track(folder.name)
+        state.loading(folder)
         if folder.valid and folder.name in served:
-            records.append(AdapterRecord(
-                name=folder.name, state=State.READY, source=folder.path,
-                loaded_path=served[folder.name], version=folder.fingerprint,
-                loaded_version=folder.fingerprint, rank=folder.rank, size=folder.size,
-                url=folder.url))
+            state.loaded(served[folder.name], folder.fingerprint)
             continue
         reason = folder.problem or startup.skipped.get(folder.name, "not loaded")
-        records.append(AdapterRecord(
-            name=folder.name, state=State.FAILED, source=folder.path, version=folder.fingerprint,
-            rank=folder.rank, size=folder.size, reason=reason, url=folder.url))
+        state.refused_by_backend(folder, reason)  # (never looked at again: static)
         log.warning("adapter %s: skipped: %s (%s)", folder.name, reason, folder.location)
-    return records
 
 
 def loop_time() -> float:

@@ -62,15 +62,14 @@ class ApiAdapters:
         """Take the folder adapters unloaded through the API out of `wanted` while their files
         are the ones that were unloaded; forget the unload once they change or go."""
         self.hidden = {}
-        lifted = False
-        for name, fingerprint in list(self.intent.unloaded.items()):
+        lifted: dict[str, str | None] = {}
+        for name, fingerprint in self.intent.unloaded.items():
             folder = wanted.get(name)
             if folder is not None and folder.fingerprint == fingerprint:
                 self.hidden[name] = wanted.pop(name)
                 continue
-            del self.intent.unloaded[name]
-            lifted = True
+            lifted[name] = None
             log.info("adapter %s: its folder %s since it was unloaded through the API; "
                      "the folder decides again", name, "changed" if folder else "is gone")
         if lifted:
-            self.intent.save_or_warn()
+            self.intent.change_or_warn(unloaded=lifted)

@@ -67,6 +67,28 @@ class Intent:
                 log.warning("%s: skipped the API unload of %s: %s", file, ascii(name), problem)
         return intent
 
+    def change(self, *, loaded: dict[str, Path | None] | None = None,
+               unloaded: dict[str, str | None] | None = None) -> None:
+        """Set (None: drop) these entries and write the file, as one change: when the file
+        cannot be written the entries are as they were and OSError is raised (a decision a
+        restart would not remember is not taken)."""
+        before = (dict(self.loaded), dict(self.unloaded))
+        _apply(self.loaded, loaded or {})
+        _apply(self.unloaded, unloaded or {})
+        try:
+            self.save()
+        except OSError:
+            self.loaded, self.unloaded = before
+            raise
+
+    def change_or_warn(self, *, loaded: dict[str, Path | None] | None = None,
+                       unloaded: dict[str, str | None] | None = None) -> None:
+        """`change`, made even when the file cannot be written (one warning says so): for
+        changes that undo or follow what already happened."""
+        _apply(self.loaded, loaded or {})
+        _apply(self.unloaded, unloaded or {})
+        self.save_or_warn()
+
     def save(self) -> None:
         """Write the requests (atomically: a crash leaves the old file or the new one).
         Raises OSError when the file cannot be written. Called on the event loop, never in a
@@ -99,3 +121,11 @@ def _entry_problem(name: str, value: object, *, path: bool) -> str | None:
     if path and (not os.path.isabs(value) or "\0" in value):
         return f"{ascii(value)} is not an absolute path"
     return None
+
+
+def _apply(entries: dict, changes: dict) -> None:
+    for name, value in changes.items():
+        if value is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = value

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -206,8 +207,9 @@ class S3Source:
                 raise NotS3(f"the endpoint {self.endpoint} answered a listing of bucket "
                             f"'{self.source.bucket}' with something that is not an S3 listing "
                             "(a proxy or maintenance page?); check AWS_ENDPOINT_URL")
-            if first:
-                server_now = server_time(page) or server_now
+            if first:  # (read as its offset from ours: the clock passed in is the one read)
+                stamped = server_time(page)
+                server_now += stamped - time.time() if stamped is not None else 0.0
                 first = False
             for item in page.get("Contents", ()):
                 name, _, rest = item["Key"][len(prefix):].partition("/")

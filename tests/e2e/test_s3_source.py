@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.e2e.server import Reusable, sglang_env, tiny_env, wait_until
-from tests.test_s3 import WEIGHTS, upload
+from tests.sources.test_s3 import WEIGHTS, upload
 
 pytestmark = pytest.mark.e2e
 CONFIG = "adapter_config.json"

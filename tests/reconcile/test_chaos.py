@@ -52,18 +52,21 @@ class ChaosBackend(VLLMBackend):
         self.fail_rate = 0.0
         self.violations: list[str] = []
         self.faults = Counter()
+        self.late = 0  # late loads still on their way
 
     def _fault(self, late: tuple[str, str] | None = None) -> Reply | None:
         if self.rng.random() < self.fail_rate:
             kind = self.rng.choice(["HTTP 500", "ReadTimeout", "ConnectError", "late load"])
             self.faults[kind] += 1
             if kind == "late load" and late is not None:  # timed out here, done there later
+                self.late += 1
                 asyncio.get_running_loop().call_later(self.rng.random() * 0.05, self._arrive,
                                                       *late)
             return Reply(Outcome.TRANSIENT, kind, unanswered=kind in ("ReadTimeout", "late load"))
         return None
 
     def _arrive(self, name: str, path: str) -> None:
+        self.late -= 1
         if name in self.served:
             return  # vLLM answers a plain load of a served name "already loaded"
         if not (Path(path) / WEIGHTS).is_file():
@@ -215,10 +218,20 @@ class Chaos:
         await asyncio.gather(*self.requests, *self.calls)
         self.requests.clear()
         self.calls.clear()
+        idle = 0
         for _ in range(40):  # passes until nothing changes (retries back off a little)
+            started = self.reconciler.passes
             await self.reconciler.sync()
+            busy = bool(self.reconciler._work)
             await self.reconciler.wait_idle()
             await asyncio.sleep(0.005)
+            # Settled: three passes in a row started no work, no retry is due or pending and
+            # no late load is still on its way (each could change what is served).
+            quiet = not busy and not self.backend.late and not any(
+                state.attempts for state in self.registry.states())
+            idle = idle + 1 if quiet and self.reconciler.passes > started else 0
+            if idle >= 3:
+                break
         self.check()
 
     def check(self) -> None:

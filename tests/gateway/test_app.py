@@ -27,7 +27,7 @@ from entrypoint.metrics import Metrics
 from entrypoint.reconcile.registry import AdapterRecord, Registry, State
 from tests.e2e.server import free_port, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

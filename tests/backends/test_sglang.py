@@ -18,7 +18,7 @@ from entrypoint.backends.sglang import SGLangBackend, target_modules
 from tests.conftest import copy_adapter, edit_config
 from tests.e2e.server import free_port
 
-FAKES = Path(__file__).resolve().parent / "fakes"
+FAKES = Path(__file__).resolve().parent.parent / "fakes"
 
 
 def launch(*args: str) -> subprocess.Popen:

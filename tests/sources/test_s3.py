@@ -19,6 +19,7 @@ from entrypoint.config.settings import ConfigError, load_settings
 from entrypoint.sources import s3, s3_client
 from entrypoint.sources.s3 import S3Source
 from entrypoint.sources.s3_client import S3Url
+from tests.clock import SteppedClock
 from tests.e2e.server import BIN, clean_env
 
 WEIGHTS = "adapter_model.safetensors"
@@ -32,12 +33,15 @@ def upload(client, bucket: str, name: str, folder: Path, *, only: str | None = N
                               Body=path.read_bytes())
 
 
+CLOCK = SteppedClock()  # the sources' clock in these tests: stepped, never slept on
+
+
 def scanner(store, bucket: str, tmp_path: Path, **client_args) -> S3Source:
     client = boto3.client("s3", endpoint_url=store.endpoint, region_name="us-east-1",
                           aws_access_key_id=client_args.get("key", "lora-test-key"),
                           aws_secret_access_key=client_args.get("secret", "lora-test-secret"))
     return S3Source(S3Url.parse(f"s3://{bucket}/loras"), downloads=tmp_path / "downloads",
-                     client=client)
+                    client=client, clock=CLOCK)
 
 
 def by_name(folders) -> dict:
@@ -55,7 +59,7 @@ def test_a_complete_adapter_is_downloaded_whole_and_described_by_its_url(
         s3_store, bucket, library, tmp_path):
     client = s3_store.client()
     upload(client, bucket, "alpha", library / "alpha")
-    time.sleep(s3.SETTLE_SECS + 2.1)  # older than the settle time by the store's clock
+    CLOCK.step(s3.SETTLE_SECS + 2.1)  # older than the settle time by the store's clock
     scan = scanner(s3_store, bucket, tmp_path)
     first = by_name(scan.scan())["alpha"]  # complete: its download starts beside the pass
     assert first.pending and first.problem.startswith("downloading from s3://")
@@ -84,7 +88,7 @@ def test_never_half_an_adapter_while_it_uploads(s3_store, bucket, library, tmp_p
     beta = by_name(scan.scan())["beta"]  # just uploaded: the next listing must agree
     assert beta.pending and beta.problem.startswith("uploading")
     assert not any((tmp_path / "downloads").glob("beta-*"))  # nothing downloaded yet
-    time.sleep(s3.SETTLE_SECS)
+    CLOCK.step(s3.SETTLE_SECS)
     beta = look(scan)["beta"]
     assert beta.valid, beta.problem
     # Weights first, config last: complete as soon as a listing shows the config changed last.
@@ -105,7 +109,7 @@ def test_a_changed_adapter_is_a_new_version_and_a_deleted_one_is_gone(
     assert first.valid
     upload(client, bucket, "alpha", library / "beta", only=WEIGHTS)  # new weights, same name
     assert by_name(scan.scan())["alpha"].pending  # until a second listing agrees
-    time.sleep(s3.SETTLE_SECS)
+    CLOCK.step(s3.SETTLE_SECS)
     second = look(scan)["alpha"]
     assert second.valid and second.fingerprint != first.fingerprint
     assert (second.path / WEIGHTS).read_bytes() == (library / "beta" / WEIGHTS).read_bytes()
@@ -135,7 +139,7 @@ def test_bad_objects_get_a_reason_and_never_stop_the_scan(s3_store, bucket, libr
     client.put_object(Bucket=bucket, Key=f"loras/short/{WEIGHTS}", Body=b"\x08\x00")
     client.put_object(Bucket=bucket, Key="loras/.hidden/adapter_config.json", Body=b"{}")
     client.put_object(Bucket=bucket, Key="loras/README.md", Body=b"beside the adapters")
-    time.sleep(s3.SETTLE_SECS + 2.1)
+    CLOCK.step(s3.SETTLE_SECS + 2.1)
     found = look(scanner(s3_store, bucket, tmp_path))
     assert set(found) == {"good", "bad name!", "nested", "broken", "huge", "short"}
     assert found["good"].valid
@@ -165,11 +169,11 @@ def test_an_outage_keeps_what_was_listed_and_backs_off(s3_store, bucket, library
         assert (scan.list_calls, scan.failures) == calls  # backing off: no call at once
     finally:
         s3_store.start()
-    time.sleep(STORE_CALLS.base)
+    CLOCK.step(STORE_CALLS.base)
     assert by_name(scan.scan()) == before and scan.source_problem is None
     upload(client, bucket, "beta", library / "beta")
     scan.scan()
-    time.sleep(s3.SETTLE_SECS)
+    CLOCK.step(s3.SETTLE_SECS)
     assert look(scan)["beta"].valid
 
 
@@ -280,13 +284,13 @@ def test_an_overwrite_caught_half_way_is_never_taken_for_a_version(
     assert by_name(scan.scan_at_start())["alpha"].valid
     upload(client, bucket, "alpha", library / "big", only=CONFIG_FILE)  # r=64 over rank-8 weights
     assert by_name(scan.scan())["alpha"].problem.startswith("uploading")
-    time.sleep(s3.SETTLE_SECS)
+    CLOCK.step(s3.SETTLE_SECS)
     mixed = look(scan)["alpha"]
     assert not mixed.valid and not mixed.pending
     assert "rank-8 tensors but adapter_config.json says r=64" in mixed.problem
     upload(client, bucket, "alpha", library / "big", only=WEIGHTS)
     scan.scan()
-    time.sleep(s3.SETTLE_SECS)
+    CLOCK.step(s3.SETTLE_SECS)
     whole = look(scan)["alpha"]
     assert whole.valid and whole.rank == 64
 
@@ -343,6 +347,7 @@ def test_a_store_that_never_answers_holds_a_pass_seconds_not_minutes(tmp_path, m
     for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(s3_client, "READ_TIMEOUT_SECS", 2.0)  # (10 s in service: same rule)
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)  # accepts (the kernel does), never answers
@@ -367,7 +372,7 @@ def test_a_download_that_keeps_failing_backs_off_with_one_reason(s3_store, bucke
     from tests.s3store import LIST_ONLY_KEY, LIST_ONLY_SECRET
 
     upload(s3_store.client(), bucket, "alpha", library / "alpha")
-    time.sleep(s3.SETTLE_SECS + 2.1)
+    CLOCK.step(s3.SETTLE_SECS + 2.1)
     scan = scanner(s3_store, bucket, tmp_path, key=LIST_ONLY_KEY, secret=LIST_ONLY_SECRET)
     gets = []
     scan.client.meta.events.register("before-call.s3.GetObject", lambda **_: gets.append(1))
@@ -380,7 +385,7 @@ def test_a_download_that_keeps_failing_backs_off_with_one_reason(s3_store, bucke
         passes += 1
     assert passes >= 3 and reasons == {alpha.problem}
     assert len(gets) == 1  # backing off: not fetched again
-    time.sleep(STORE_CALLS.base * 2 + 0.1)
+    CLOCK.step(STORE_CALLS.base * 2 + 0.1)
     look(scan)
     assert len(gets) == 2  # tried again after the backoff
     warned = [r for r in caplog.records if "download from" in r.getMessage()]

@@ -20,7 +20,7 @@ from entrypoint.reconcile.registry import Registry, State
 from entrypoint.snapshots import SnapshotRefused, SnapshotStore
 from entrypoint.sources.intent import Intent
 from tests.conftest import copy_adapter, edit_config
-from tests.test_reconcile import ScriptedBackend
+from tests.fakes.scripted import ScriptedBackend
 
 
 class World:

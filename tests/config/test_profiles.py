@@ -150,7 +150,7 @@ def test_profiles_ship_in_the_wheel(tmp_path):
     import sys
     import zipfile
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path), str(root)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("lora_entrypoint-*.whl")
