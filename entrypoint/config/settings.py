@@ -279,8 +279,21 @@ class Settings(BaseSettings):
         """The folders runtime API loads may read from: NIM_PEFT_SOURCE (a folder), then
         NIM_PEFT_API_ALLOWED_PATHS, each with its links resolved."""
         listed = [Path(p) for p in self.api_allowed_paths]
-        roots = [self.peft_source, *listed] if isinstance(self.peft_source, Path) else listed
+        folder = self.source_folder
+        roots = [folder, *listed] if folder is not None else listed
         return tuple(Path(os.path.realpath(root.expanduser())) for root in roots)
+
+    @property
+    def source_is_list(self) -> bool:
+        """NIM_PEFT_SOURCE names a list of adapters (a .yaml, .yml or .json file)."""
+        return isinstance(self.peft_source, Path) and \
+            self.peft_source.suffix.lower() in (".yaml", ".yml", ".json")
+
+    @property
+    def source_folder(self) -> Path | None:
+        """NIM_PEFT_SOURCE when it is a folder of adapters (not a store, not a list)."""
+        return self.peft_source if isinstance(self.peft_source, Path) and \
+            not self.source_is_list else None
 
     @property
     def served_name(self) -> str:
@@ -398,10 +411,11 @@ def check_paths(settings: Settings, *, need_model: bool = True) -> None:
                 f"NIM_PEFT_SOURCE={settings.peft_source}: no such folder; create it or mount "
                 "your adapter folder there"
             )
-        if not source.is_dir():
+        if not source.is_dir() and not settings.source_is_list:
             raise ConfigError(
                 f"NIM_PEFT_SOURCE={settings.peft_source}: is a file, not a folder; point it at "
-                "the folder that holds one sub-folder per adapter"
+                "the folder that holds one sub-folder per adapter, or at a list of adapters "
+                "(a .yaml or .json file)"
             )
     for allowed in settings.api_allowed_paths:
         where = f"NIM_PEFT_API_ALLOWED_PATHS={settings.peft_api_allowed_paths}: {allowed!r}"

@@ -73,7 +73,7 @@ class Reconciler:
             assert source is not None, "a source, or the folder of one"
             scanner = FolderSource(source, limit=rank_limit, served_name=served_name)
         self.scanner: AdapterSource = scanner
-        self.client, self.registry = client, registry
+        self.registry = registry
         self.traffic = traffic or Traffic()
         self.metrics = metrics
         self.clock = clock
@@ -99,6 +99,14 @@ class Reconciler:
     @property
     def api_roots(self) -> tuple[Path, ...]:
         return self.api.roots
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        return self.calls.client
+
+    @client.setter
+    def client(self, client: httpx.AsyncClient) -> None:
+        self.calls.client = client
 
     @property
     def backend(self) -> Backend:

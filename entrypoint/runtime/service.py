@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import uvicorn
@@ -111,15 +110,14 @@ class Service:
         settings, limit = self.settings, self.plan.rank_limit
         source, interval = settings.peft_source, settings.peft_refresh_interval
         assert source is not None and interval is not None
+        scanner = source_scanner_for(settings, downloads_folder(settings), limit)
         reconciler = Reconciler(
             backend=self.plan.backend, client=self.client, registry=self.registry,
-            served_name=settings.served_name, rank_limit=limit,
-            scanner=source_scanner_for(settings, downloads_folder(settings), limit),
+            served_name=settings.served_name, rank_limit=limit, scanner=scanner,
             snapshots=self.snapshots, traffic=self.traffic, metrics=self.metrics,
             wake=self._poke_watcher, intent=self.startup.intent, api_roots=settings.api_roots)
         # (an object store sends no events here: it is listed every interval)
-        watcher = FolderWatcher(source if isinstance(source, Path) else None,
-                                interval=interval, look=reconciler.sync,
+        watcher = FolderWatcher(scanner.watch_folder, interval=interval, look=reconciler.sync,
                                 events=settings.peft_watch_events)
         return reconciler, watcher
 
@@ -328,10 +326,9 @@ def metadata(startup: Startup) -> dict:
 def adapter_api(settings: Settings, registry: Registry,
                 reconciler: Reconciler | None) -> AdapterAPI:
     """The runtime API: on in dynamic mode unless NIM_PEFT_API_ENABLED=false."""
-    source = settings.peft_source
     return AdapterAPI(
         registry=registry, served_name=settings.served_name,
-        source=source if isinstance(source, Path) else None,
+        source=settings.source_folder,
         reconciler=reconciler if settings.api_enabled else None,
         # a load may wait for requests to drain, then for a swap: an unload, a load and
         # a load back, the first two perhaps watched landing late

@@ -33,9 +33,10 @@ from entrypoint.config.settings import ConfigError, Settings
 from entrypoint.runtime.launch import LaunchPlan, build_launch_plan, plan_backend, rank_limit
 from entrypoint.runtime.net import free_port
 from entrypoint.snapshots import SnapshotChanged, SnapshotFailed, SnapshotRefused, SnapshotStore
+from entrypoint.sources import source_for
 from entrypoint.sources.base import AdapterSource
 from entrypoint.sources.intent import Intent
-from entrypoint.sources.s3 import SETTLE_SECS, source_for
+from entrypoint.sources.s3 import SETTLE_SECS
 from entrypoint.sources.s3_client import S3Error
 
 log = logging.getLogger("entrypoint")

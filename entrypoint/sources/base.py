@@ -39,6 +39,11 @@ class AdapterSource(Protocol):
         ...
 
     @property
+    def watch_folder(self) -> Path | None:
+        """The folder whose file events mean "look now" (None: none; polled every interval)."""
+        ...
+
+    @property
     def roots(self) -> tuple[Path, ...]:
         """The folders this source's adapter files live in (what a snapshot may read)."""
         ...

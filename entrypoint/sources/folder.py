@@ -52,6 +52,10 @@ class FolderSource:
     def label(self) -> str:
         return str(self.source)
 
+    @property
+    def watch_folder(self) -> Path:
+        return self.source
+
     def scan_at_start(self) -> list[AdapterFolder]:
         return self.scan()
 

@@ -29,7 +29,6 @@ from entrypoint.adapters.names import display_name, name_problem
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backoff import STORE_CALLS, Backoff
 from entrypoint.clock import REAL, Clock
-from entrypoint.sources.folder import FolderSource
 from entrypoint.sources.s3_client import (
     ADAPTER_FILES,
     Listed,
@@ -80,6 +79,7 @@ class S3Source:
         self.endpoint = str(getattr(self.client.meta, "endpoint_url", "") or "AWS S3")
         self.clock, self.backoff = clock, backoff
         self._seen: dict[str, _Seen] = {}
+        self._only = ""  # list this one adapter's prefix only (`single_adapter`)
         #: why the last listing failed (None: it worked); `fatal`: a setting, not an outage
         self.source_problem: str | None = None
         self.fatal = False
@@ -92,6 +92,19 @@ class S3Source:
                                  served_name=served_name, backoff=backoff, clock=clock)
         #: what the service does while `source_problem` lasts (it logs this once)
         self.retry_hint = f"retrying with backoff (up to {backoff.cap:.0f} s between listings)"
+
+    #: set for the one-adapter source of a list entry (`single_adapter`): that adapter's URL
+    single: S3Url | None = None
+    watch_folder = None  # (a store sends no events here: it is listed every interval)
+
+    @classmethod
+    def single_adapter(cls, url: S3Url, **options: Any) -> S3Source:
+        """The source of the one adapter at `url` (s3://BUCKET/PREFIX/NAME/): its parent
+        prefix, listed below NAME/ only."""
+        parent, _, name = url.prefix.rstrip("/").rpartition("/")
+        source = cls(S3Url(url.bucket, f"{parent}/" if parent else ""), **options)
+        source.single, source._only = url, name
+        return source
 
     @property
     def label(self) -> str:
@@ -201,7 +214,8 @@ class S3Source:
         prefix = self.source.prefix
         paginator = self.client.get_paginator("list_objects_v2")
         first = True
-        for page in paginator.paginate(Bucket=self.source.bucket, Prefix=prefix):
+        listed = f"{prefix}{self._only}/" if self._only else prefix
+        for page in paginator.paginate(Bucket=self.source.bucket, Prefix=listed):
             self.list_calls += 1
             if page.get("Name") != self.source.bucket:  # a 200 that is no ListBucketResult
                 raise NotS3(f"the endpoint {self.endpoint} answered a listing of bucket "
@@ -277,14 +291,3 @@ class S3Source:
         before, after = old.objects.get(CONFIG_FILE), current.objects[CONFIG_FILE]
         return (weights_of(old.objects) == weights_of(current.objects)
                 and (before is None or before.etag != after.etag))
-
-def source_for(source: Path | S3Url, *, downloads: Path, limit: RankLimit | None = None,
-               served_name: str | None = None, settle: float = SETTLE_SECS,
-               clock: Clock = REAL) -> FolderSource | S3Source:
-    """The source for NIM_PEFT_SOURCE: a folder's, or an S3 prefix's (whose adapters are
-    downloaded under `downloads`, once unchanged for `settle` seconds). Raises S3Error when the
-    S3 client cannot be made."""
-    if isinstance(source, S3Url):
-        return S3Source(source, downloads=downloads, limit=limit, served_name=served_name,
-                        settle=settle, clock=clock)
-    return FolderSource(source, limit=limit, served_name=served_name)

@@ -248,9 +248,14 @@ def test_a_thousand_adapters_cost_one_listing_per_thousand_keys(s3_store, bucket
     client = s3_store.client()
     config = json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
                          "peft_type": "LORA"}).encode()
-    for i in range(500):  # 1,000 keys
+    import concurrent.futures
+
+    def put(i: int) -> None:
         client.put_object(Bucket=bucket, Key=f"loras/a{i:04d}/adapter_config.json", Body=config)
         client.put_object(Bucket=bucket, Key=f"loras/a{i:04d}/{WEIGHTS}", Body=b"not weights")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, range(500)))  # 1,000 keys
     scan = scanner(s3_store, bucket, tmp_path)
     scan.scan_at_start()
     downloaded = sorted(p.name for p in (tmp_path / "downloads").iterdir())
