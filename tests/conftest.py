@@ -115,3 +115,13 @@ def bucket(s3_store, request) -> str:
     name = f"{name}-{uuid.uuid4().hex[:8]}"
     s3_store.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    """A real Hub-compatible server (olah) on loopback, for the whole run."""
+    from tests.hubserver import HubServer
+
+    server = HubServer(tmp_path_factory.mktemp("hub")).start()
+    yield server
+    server.stop()

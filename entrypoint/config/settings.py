@@ -69,7 +69,10 @@ class Settings(BaseSettings):
         description="Folder of LoRA adapters, one sub-folder per adapter; the folder name is the "
         "adapter name. Or (ours) `s3://BUCKET/PREFIX`: one sub-prefix per adapter in an "
         "S3-compatible store, with credentials, region and endpoint from the standard AWS "
-        "variables (`AWS_ENDPOINT_URL` for stores other than AWS); needs the `s3` extra.",
+        "variables (`AWS_ENDPOINT_URL` for stores other than AWS); needs the `s3` extra. Or "
+        "(ours) a list of adapters, a `.yaml` or `.json` file in KServe's shape "
+        "(`adapters: [{name, uri, revision}]`, URIs: a folder, `file://`, `s3://BUCKET/PREFIX`, "
+        "`hf://ORG/REPO`), read again every pass.",
     )
     peft_refresh_interval: float | None = Field(
         default=None,

@@ -1,0 +1,156 @@
+"""A list file as the source (KServe's `adapters: [{name, uri}]`): folder and hf:// entries,
+against the real Hub-compatible server of the tests (olah) for the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from entrypoint.adapters.files import Kind
+from entrypoint.adapters.rank import RankLimit
+from entrypoint.sources import source_for
+from entrypoint.sources.listfile import ListSource
+from tests.clock import SteppedClock
+from tests.conftest import copy_adapter
+from tests.hubserver import hub_environment
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def write(file: Path, *entries: dict) -> None:
+    file.write_text(json.dumps({"adapters": list(entries)}) if file.suffix == ".json" else
+                    "adapters:\n" + "".join(
+                        f"  - name: {e['name']}\n    uri: {e['uri']}\n"
+                        + (f"    revision: {e['revision']}\n" if "revision" in e else "")
+                        for e in entries))
+
+
+def by_name(folders) -> dict:
+    return {f.name: f for f in folders}
+
+
+@pytest.fixture
+def listed(tmp_path):
+    file = tmp_path / "etc" / "adapters.yaml"
+    file.parent.mkdir()
+    return file
+
+
+def test_folder_entries_are_served_under_the_names_the_list_gives(tmp_path, library, listed):
+    copy_adapter(library / "alpha", tmp_path / "store" / "a1")
+    copy_adapter(library / "beta", tmp_path / "store" / "b1")
+    write(listed, {"name": "sql", "uri": str(tmp_path / "store" / "a1")},
+          {"name": "chat", "uri": f"file://{tmp_path / 'store' / 'b1'}"})
+    source = source_for(listed, downloads=tmp_path / "dl", limit=RankLimit(16))
+    assert isinstance(source, ListSource) and source.watch_folder == listed.parent
+    found = by_name(source.scan())
+    assert set(found) == {"sql", "chat"} and all(f.valid for f in found.values())
+    assert found["sql"].path == tmp_path / "store" / "a1"
+    write(listed, {"name": "chat", "uri": str(tmp_path / "store" / "a1")})  # changed URI
+    found = by_name(source.scan())
+    assert set(found) == {"chat"} and found["chat"].path == tmp_path / "store" / "a1"
+
+
+def test_a_bad_file_is_a_source_problem_and_a_bad_entry_one_line(tmp_path, library, listed,
+                                                                 caplog):
+    copy_adapter(library / "alpha", tmp_path / "a1")
+    write(listed, {"name": "sql", "uri": str(tmp_path / "a1")})
+    source = ListSource(listed, downloads=tmp_path / "dl", limit=RankLimit(16))
+    assert source.scan()[0].valid
+    listed.write_text("adapters: [oops")
+    assert source.scan() == [] and "not valid YAML" in source.source_problem
+    listed.write_text("models: []")
+    assert source.scan() == [] and "no 'adapters:' list" in source.source_problem
+    caplog.set_level(logging.ERROR)
+    write(listed, {"name": "sql", "uri": str(tmp_path / "a1")},
+          {"name": "bad name!", "uri": str(tmp_path / "a1")},
+          {"name": "rel", "uri": "relative/path"},
+          {"name": "gs", "uri": "gs://bucket/x"},
+          {"name": "sql", "uri": str(tmp_path / "a1")})
+    for _ in range(3):
+        found = by_name(source.scan())
+    assert source.source_problem is None and set(found) == {"sql"}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4, lines  # once each, not once per pass
+    assert all(line.startswith(f"NIM_PEFT_SOURCE={listed}: entry ") for line in lines)
+    assert any("not an absolute folder" in line for line in lines)
+    assert any("repeats the name 'sql'" in line for line in lines)
+
+
+def test_an_entry_made_bad_keeps_its_last_good_form(tmp_path, library, listed):
+    copy_adapter(library / "alpha", tmp_path / "a1")
+    write(listed, {"name": "sql", "uri": str(tmp_path / "a1")})
+    source = ListSource(listed, downloads=tmp_path / "dl")
+    assert source.scan()[0].valid
+    write(listed, {"name": "sql", "uri": "not/absolute"})
+    (found,) = source.scan()
+    assert found.valid and found.path == tmp_path / "a1"
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch):
+    hub_environment(monkeypatch, hub_server)
+    return hub_server
+
+
+def test_a_hub_adapter_follows_its_branch_and_a_pinned_one_stays(hub, tmp_path, library,
+                                                                 listed):
+    first = hub.commit("acme/follow", library / "alpha")
+    pinned = hub.commit("acme/pinned", library / "gamma")
+    write(listed, {"name": "follow", "uri": "hf://acme/follow"},
+          {"name": "pin", "uri": "hf://acme/pinned", "revision": pinned})
+    source = ListSource(listed, downloads=tmp_path / "dl", limit=RankLimit(16))
+    found = by_name(source.scan_at_start())
+    assert found["follow"].valid and found["follow"].fingerprint == first
+    assert (found["follow"].path / WEIGHTS).read_bytes() == \
+        (library / "alpha" / WEIGHTS).read_bytes()
+    assert found["pin"].valid and found["pin"].fingerprint == pinned
+    assert found["follow"].url == f"hf://acme/follow@{first[:12]}"
+    calls = source.hub.revision_calls
+    assert by_name(source.scan())["follow"] == found["follow"]  # unchanged: nothing fetched
+    assert source.hub.revision_calls == calls + 1  # one small call; none for a pinned commit
+    second = hub.commit("acme/follow", library / "beta")
+    hub.commit("acme/pinned", library / "alpha")
+    during = by_name(source.scan())
+    assert during["follow"] == found["follow"]  # the old commit serves while the new one comes
+    source.hub.wait()
+    after = by_name(source.scan())
+    assert after["follow"].fingerprint == second and after["follow"].valid
+    assert (after["follow"].path / WEIGHTS).read_bytes() == \
+        (library / "beta" / WEIGHTS).read_bytes()
+    assert after["pin"] == found["pin"]
+    assert not found["follow"].path.exists()  # the old commit's download is deleted
+
+
+def test_a_missing_repo_or_a_hub_outage_is_a_reason_on_that_adapter_only(
+        hub, tmp_path, library, listed):
+    hub.commit("acme/here", library / "alpha")
+    write(listed, {"name": "here", "uri": "hf://acme/here"},
+          {"name": "gone", "uri": "hf://acme/no-such-repo"},
+          {"name": "branch", "uri": "hf://acme/here", "revision": "no-such-branch"})
+    clock = SteppedClock()
+    source = ListSource(listed, downloads=tmp_path / "dl", limit=RankLimit(16), clock=clock)
+    found = by_name(source.scan_at_start())
+    assert found["here"].valid
+    assert found["gone"].pending and found["gone"].kind is Kind.DOWNLOAD_FAILED
+    assert "hf://acme/no-such-repo was not found" in found["gone"].problem
+    assert "HF_TOKEN" in found["gone"].problem
+    assert found["branch"].pending and found["branch"].kind is Kind.DOWNLOAD_FAILED
+    calls = source.hub.revision_calls
+    again = by_name(source.scan())
+    assert source.hub.revision_calls == calls + 1  # the two failed ones back off
+    assert again["gone"].problem == found["gone"].problem
+    hub.stop()
+    try:
+        clock.step(120)
+        during = by_name(source.scan())
+        assert during["here"] == found["here"]  # served before: serves on
+        assert during["gone"].pending and "did not answer for hf://acme/no-such-repo" in \
+            during["gone"].problem and "HF_ENDPOINT" in during["gone"].problem
+    finally:
+        hub.start()
+    clock.step(300)
+    assert by_name(source.scan())["here"] == found["here"]  # back: the same commit, kept
