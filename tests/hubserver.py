@@ -95,7 +95,8 @@ offline = true
                               capture_output=True, text=True).stdout.strip()
 
     def env(self) -> dict[str, str]:
-        return {"HF_ENDPOINT": self.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
+        return {"HF_ENDPOINT": self.endpoint, "HF_HUB_OFFLINE": "0",
+                "HF_HUB_DISABLE_TELEMETRY": "1",
                 "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10",
                 "HF_HOME": str(self.folder / "hf-home")}
 

@@ -89,7 +89,7 @@ def resolve(
     plan = build_launch_plan(
         settings, profile, [a for a in adapters if a.name not in skipped], backend=backend,
         limit=limit, port=backend_port or free_port(), load_paths=paths,
-        uds=str(backend_socket(private, backend)), internal_key=secrets.token_urlsafe(24))
+        uds=str(backend_socket(private, backend)), internal_key=internal_key())
     announce(profile, limit, notes)
     return Startup(settings=settings, plan=plan, adapters=adapters,
                    skipped=MappingProxyType(skipped), intent=intent)
@@ -183,6 +183,13 @@ def judge(settings: Settings, backend: Backend, found: Iterable[AdapterFolder],
         if outside_roots(str(path), settings.api_roots) is None]
     limit = rank_limit(settings, backend, [*found, *kept])
     return tuple(limit.apply(folder) for folder in found), limit
+
+
+def internal_key() -> str:
+    """The key the entrypoint gives a backend it starts (SGLang's --api-key): hex, so it never
+    begins with '-', which the backend's argument parser took for an option (one in 64 of the
+    url-safe keys did, and SGLang refused to start: found by the full test run)."""
+    return secrets.token_hex(24)
 
 
 def take_snapshots(snapshots: SnapshotStore, adapters: Iterable[AdapterFolder]

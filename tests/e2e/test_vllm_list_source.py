@@ -19,7 +19,7 @@ def write(file, entries: dict[str, str]) -> None:
 def test_folder_and_hub_entries_answer_as_from_a_folder(serve_factory, tiny_model, library,
                                                         hub_server, tmp_path):
     hub_server.commit("acme/pirate", library / "alpha")
-    plain = make_source(tmp_path / "plain", library, {"alpha": "alpha", "beta": "beta"})
+    plain = make_source(tmp_path, library, {"alpha": "alpha", "beta": "beta"})
     listed = tmp_path / "etc" / "adapters.yaml"
     listed.parent.mkdir()
     write(listed, {"from-folder": str(plain / "beta"), "from-hub": "hf://acme/pirate"})

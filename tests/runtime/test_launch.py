@@ -237,3 +237,10 @@ def test_sglang_on_its_port_requires_a_key_the_entrypoint_made(monkeypatch, tiny
                        NIM_PASSTHROUGH_ARGS="--api-key theirs")
     assert user.argv.count("--api-key") == 1 and flag(user.argv, "--api-key") == "theirs"
     assert user.backend_key == "theirs" and user.api_keys == ("theirs",)
+
+
+def test_the_key_made_for_the_backend_is_never_read_as_an_option():
+    from entrypoint.runtime.startup import internal_key
+
+    keys = {internal_key() for _ in range(1000)}
+    assert len(keys) == 1000 and not any(key.startswith("-") for key in keys)
