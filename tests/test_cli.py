@@ -117,6 +117,20 @@ def test_check_adapters_uses_nim_peft_source(library, tmp_path):
     assert "big\tinvalid\trank 64 is above NIM_MAX_LORA_RANK=16" in result.stdout
 
 
+def test_check_adapters_reads_a_list_file(library, tmp_path):
+    listed = tmp_path / "adapters.yaml"
+    listed.write_text(f"adapters:\n  - name: sql\n    uri: {library / 'alpha'}\n"
+                      f"  - name: large\n    uri: file://{library / 'big'}\n"
+                      "  - name: odd\n    uri: relative/x\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+    result = subprocess.run([str(BIN), "check-adapters", str(listed)], capture_output=True,
+                            text=True, env={**clean, "NIM_MAX_LORA_RANK": "16"}, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "sql\tok\trank 8" in result.stdout
+    assert "large\tinvalid\trank 64 is above NIM_MAX_LORA_RANK=16" in result.stdout
+    assert "odd" not in result.stdout and "entry 3" in result.stderr
+
+
 @pytest.mark.parametrize("max_rank", [None, "16"])
 def test_check_adapters_and_dry_run_judge_every_folder_alike(base_env, library, max_rank):
     """Both use the limit `serve` would: derived from the folders (64 here), or the user's."""
