@@ -26,10 +26,13 @@ demo: $(STAMP)
 demo-assets: $(STAMP)
 	$(PY) -m entrypoint demo --build-only
 
+# The unit tests in two processes (pytest-xdist), then the end-to-end tests (the real vLLM,
+# the container) one at a time: two vLLM servers at once would share two cores.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --ignore=tests/e2e
+	$(PY) -m pytest tests/e2e
 
 # The CPU image, lora-entrypoint:cpu, with podman or docker (container/build.sh says which).
 image:

@@ -133,7 +133,7 @@ def build_base_model(out: Path, *, seed: int = 0, **shape: int) -> Path:
     vocab = len(AutoTokenizer.from_pretrained(tmp))
     torch.manual_seed(seed)
     config = tiny_llama_config(vocab, torch_dtype="bfloat16", **shape)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -328,7 +328,7 @@ def build_demo_model(out: Path) -> Path:
              for answer in DEMO_ADAPTERS.values()]
     _train(model, _examples(tokenizer, DEMO_BASE_ANSWER) + known, tokenizer.pad_token_id,
            steps=_BASE_STEPS, lr=_BASE_LR)
-    model = model.to(torch.bfloat16)  # type: ignore[arg-type]
+    model = model.to(torch.bfloat16)
     _check(model, tokenizer, DEMO_BASE_ANSWER, "base model")
     model.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(out, ignore_errors=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,18 +26,33 @@ def _clean_nim_env(monkeypatch):
             monkeypatch.delenv(key)
 
 
+@contextlib.contextmanager
+def assets_lock() -> Iterator[None]:
+    """Held while shared test assets are built: the unit tests run in two processes
+    (pytest-xdist), and on a fresh clone both would build the same files at once."""
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    with open(ASSETS / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    return build_base_model(ASSETS / "tiny-llama")
+    with assets_lock():
+        return build_base_model(ASSETS / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def library(tiny_model) -> Path:
     """Adapters to copy from: alpha, beta, gamma (rank 8, seeds 11-13) and big (rank 64)."""
     lib = ASSETS / "library"
-    for name, seed in (("alpha", 11), ("beta", 12), ("gamma", 13)):
-        build_adapter(tiny_model, lib / name, seed=seed)
-    build_adapter(tiny_model, lib / "big", seed=14, rank=64, alpha=64)
+    with assets_lock():
+        for name, seed in (("alpha", 11), ("beta", 12), ("gamma", 13)):
+            build_adapter(tiny_model, lib / name, seed=seed)
+        build_adapter(tiny_model, lib / "big", seed=14, rank=64, alpha=64)
     return lib
 
 

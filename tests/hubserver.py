@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ASSETS
+from tests.conftest import ASSETS, assets_lock
 
 VENV = ASSETS / "olah-venv"
 OLAH_VERSION = "0.5.4"
@@ -24,11 +24,12 @@ OLAH_VERSION = "0.5.4"
 
 def olah_binary() -> Path:
     binary = VENV / "bin" / "olah-cli"
-    if not binary.exists():
-        shutil.rmtree(VENV, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet",
-                        f"olah=={OLAH_VERSION}"], check=True, timeout=600)
+    with assets_lock():
+        if not binary.exists():
+            shutil.rmtree(VENV, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+            subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet",
+                            f"olah=={OLAH_VERSION}"], check=True, timeout=600)
     return binary
 
 

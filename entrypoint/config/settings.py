@@ -197,9 +197,7 @@ class Settings(BaseSettings):
     @field_validator("peft_refresh_interval", mode="before")
     @classmethod
     def _interval(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip() == "":
-            return None
-        return value
+        return None if isinstance(value, str) and value.strip() == "" else value
 
     @field_validator("peft_refresh_interval")
     @classmethod
@@ -211,9 +209,7 @@ class Settings(BaseSettings):
     @field_validator("server_port")
     @classmethod
     def _port(cls, value: int) -> int:
-        if not 1 <= value <= 65535:
-            raise ValueError("must be a TCP port between 1 and 65535")
-        return value
+        return _within(value, 1, 65535, "must be a TCP port between 1 and 65535")
 
     @field_validator("max_gpu_loras", "max_cpu_loras", "max_model_len", "tensor_parallel_size",
                      "pipeline_parallel_size", "peft_api_max_adapters")
@@ -253,11 +249,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_gpu_loras:
-            raise ValueError(
-                f"NIM_MAX_CPU_LORAS={self.max_cpu_loras} is below NIM_MAX_GPU_LORAS="
-                f"{self.max_gpu_loras}; the host cache must hold at least as many adapters as "
-                "one batch: raise NIM_MAX_CPU_LORAS or lower NIM_MAX_GPU_LORAS"
-            )
+            raise ValueError(f"NIM_MAX_CPU_LORAS={self.max_cpu_loras} is below NIM_MAX_GPU_LORAS="
+                             f"{self.max_gpu_loras}; the host cache must hold at least as many "
+                             "adapters as one batch: raise NIM_MAX_CPU_LORAS or lower "
+                             "NIM_MAX_GPU_LORAS")
         return self
 
     # ---- derived values ----
@@ -282,21 +277,9 @@ class Settings(BaseSettings):
         """The folders runtime API loads may read from: NIM_PEFT_SOURCE (a folder), then
         NIM_PEFT_API_ALLOWED_PATHS, each with its links resolved."""
         listed = [Path(p) for p in self.api_allowed_paths]
-        folder = self.source_folder
+        folder = source_folder(self)
         roots = [folder, *listed] if folder is not None else listed
         return tuple(Path(os.path.realpath(root.expanduser())) for root in roots)
-
-    @property
-    def source_is_list(self) -> bool:
-        """NIM_PEFT_SOURCE names a list of adapters (a .yaml, .yml or .json file)."""
-        return isinstance(self.peft_source, Path) and \
-            self.peft_source.suffix.lower() in (".yaml", ".yml", ".json")
-
-    @property
-    def source_folder(self) -> Path | None:
-        """NIM_PEFT_SOURCE when it is a folder of adapters (not a store, not a list)."""
-        return self.peft_source if isinstance(self.peft_source, Path) and \
-            not self.source_is_list else None
 
     @property
     def served_name(self) -> str:
@@ -414,7 +397,7 @@ def check_paths(settings: Settings, *, need_model: bool = True) -> None:
                 f"NIM_PEFT_SOURCE={settings.peft_source}: no such folder; create it or mount "
                 "your adapter folder there"
             )
-        if not source.is_dir() and not settings.source_is_list:
+        if not source.is_dir() and not source_is_list(settings):
             raise ConfigError(
                 f"NIM_PEFT_SOURCE={settings.peft_source}: is a file, not a folder; point it at "
                 "the folder that holds one sub-folder per adapter, or at a list of adapters "
@@ -445,6 +428,23 @@ def _splittable(value: str | None) -> str | None:
         try:
             shlex.split(value)
         except ValueError as exc:
-            message = f"cannot be split into arguments ({exc}); check its quoting"
-            raise ValueError(message) from None
+            raise ValueError(f"cannot be split into arguments ({exc}); check its quoting") from None
+    return value
+
+
+def source_is_list(settings: Settings) -> bool:
+    """NIM_PEFT_SOURCE names a list of adapters (a .yaml, .yml or .json file)."""
+    source = settings.peft_source
+    return isinstance(source, Path) and source.suffix.lower() in (".yaml", ".yml", ".json")
+
+
+def source_folder(settings: Settings) -> Path | None:
+    """NIM_PEFT_SOURCE when it is a folder of adapters (not a store, not a list)."""
+    source = settings.peft_source
+    return source if isinstance(source, Path) and not source_is_list(settings) else None
+
+
+def _within(value: int, low: int, high: int, message: str) -> int:
+    if not low <= value <= high:
+        raise ValueError(message)
     return value

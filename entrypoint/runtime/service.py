@@ -21,7 +21,7 @@ import httpx
 import uvicorn
 
 from entrypoint import __version__
-from entrypoint.config.settings import Settings
+from entrypoint.config.settings import Settings, source_folder
 from entrypoint.gateway.api import AdapterAPI
 from entrypoint.gateway.app import build_app
 from entrypoint.gateway.state import GatewayState
@@ -328,7 +328,7 @@ def adapter_api(settings: Settings, registry: Registry,
     """The runtime API: on in dynamic mode unless NIM_PEFT_API_ENABLED=false."""
     return AdapterAPI(
         registry=registry, served_name=settings.served_name,
-        source=settings.source_folder,
+        source=source_folder(settings),
         reconciler=reconciler if settings.api_enabled else None,
         # a load may wait for requests to drain, then for a swap: an unload, a load and
         # a load back, the first two perhaps watched landing late
