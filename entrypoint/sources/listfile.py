@@ -22,41 +22,23 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from entrypoint.adapters.folder import AdapterFolder, inspect_folder
+from entrypoint.adapters.folder import AdapterFolder
 from entrypoint.adapters.names import display_name, name_problem
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.clock import REAL, Clock
-from entrypoint.sources.hub import HF_SCHEME, HubDownloads, HubError, HubRepo
-from entrypoint.sources.s3_client import SCHEME as S3_SCHEME
+from entrypoint.sources.hub import HubError
+from entrypoint.sources.remote import Entry, RemoteAdapters, parse_uri
 from entrypoint.sources.s3_client import S3Url
 
 log = logging.getLogger(__name__)
 
 LIST_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_LIST_BYTES = 4 << 20
-FILE_SCHEME = "file://"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One adapter of the list: its name and where it comes from (exactly one of the three)."""
-
-    name: str
-    folder: Path | None = None
-    s3: S3Url | None = None
-    hub: HubRepo | None = None
-
-    @property
-    def uri(self) -> str:
-        if self.hub is not None:
-            return self.hub.uri
-        return str(self.s3) if self.s3 is not None else str(self.folder)
 
 
 def is_list_file(path: Path) -> bool:
@@ -75,20 +57,7 @@ def parse_entry(item: Any) -> Entry:
         raise ValueError("has no 'uri'")
     if revision is not None and not isinstance(revision, str):
         raise ValueError("'revision' must be a string")
-    if uri.startswith(HF_SCHEME):
-        return Entry(name, hub=HubRepo.parse(uri, revision))
-    if revision is not None:
-        raise ValueError("'revision' is for hf:// URIs only")
-    if uri.startswith(S3_SCHEME):
-        url = S3Url.parse(uri)
-        if not url.prefix:
-            raise ValueError(f"{uri} names a bucket, not an adapter; write s3://BUCKET/PREFIX")
-        return Entry(name, s3=url)
-    path = uri[len(FILE_SCHEME):] if uri.startswith(FILE_SCHEME) else uri
-    if "://" in path or not os.path.isabs(path):
-        raise ValueError(f"uri {display_name(uri)!r} is not an absolute folder, file://, "
-                         "s3:// or hf:// URI")
-    return Entry(name, folder=Path(os.path.normpath(path)))
+    return parse_uri(name, uri, revision)
 
 
 def read_list(file: Path) -> list[Any]:
@@ -123,10 +92,8 @@ class ListSource:
         self.source_problem: str | None = None
         self._entries: dict[str, Entry] = {}  # the last good form of each entry
         self._bad: dict[str, str] = {}  # what was logged for each bad item (once each)
-        self.hub = HubDownloads(downloads / "hf", limit=limit, served_name=served_name,
-                                clock=clock, api=hub_api)
-        self._s3_source = s3_source
-        self._stores: dict[str, Any] = {}  # entry name -> its one-adapter S3 source
+        self.remote = RemoteAdapters(downloads, limit=limit, served_name=served_name,
+                                     clock=clock, s3_source=s3_source, hub_api=hub_api)
 
     @property
     def label(self) -> str:
@@ -138,13 +105,11 @@ class ListSource:
 
     @property
     def on_change(self) -> Callable[[], None] | None:
-        return self.hub.on_done
+        return self.remote.on_change
 
     @on_change.setter
     def on_change(self, callback: Callable[[], None] | None) -> None:
-        self.hub.on_done = callback
-        for store in self._stores.values():
-            store.on_change = callback
+        self.remote.on_change = callback
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -161,23 +126,20 @@ class ListSource:
             return []
         self.source_problem = None
         self._entries = self._read_entries(items)
-        self.hub.forget(self.hub.names() - set(self._entries))
-        folders = [self._folder(entry) for entry in self._entries.values()]
-        self.hub.collect()
+        folders = [self.remote.folder(entry) for entry in self._entries.values()]
+        self.remote.keep(set(self._entries))
         return folders
 
     def scan_at_start(self) -> list[AdapterFolder]:
         folders = self.scan()
         for _ in range(3):
-            if not self.hub.wait() and not any(s.wait_downloads() for s in self._stores.values()):
+            if not self.remote.wait():
                 break
             folders = self.scan()
         return folders
 
     def close(self) -> None:
-        self.hub.close()
-        for store in self._stores.values():
-            store.close()
+        self.remote.close()
 
     def _read_entries(self, items: list[Any]) -> dict[str, Entry]:
         entries: dict[str, Entry] = {}
@@ -203,40 +165,3 @@ class ListSource:
             log.error("NIM_PEFT_SOURCE=%s: entry %d (%s) %s; skipped, what it served before "
                       "serves on", self.file, index + 1, display_name(json.dumps(item,
                       default=str))[:200], problem)
-
-    def _folder(self, entry: Entry) -> AdapterFolder:
-        if entry.hub is not None:
-            return self.hub.folder_of(entry.name, entry.hub)
-        if entry.s3 is not None:
-            return self._from_store(entry)
-        assert entry.folder is not None
-        return inspect_folder(entry.folder, limit=self.limit, served_name=self.served_name,
-                              name=entry.name)
-
-    def _from_store(self, entry: Entry) -> AdapterFolder:
-        """One adapter at s3://BUCKET/PREFIX: the S3 source of its parent prefix, reading that
-        one sub-prefix only."""
-        assert entry.s3 is not None
-        store = self._stores.get(entry.name)
-        if store is None or store.single != entry.s3:
-            if self._s3_source is None:
-                from entrypoint.sources.s3 import S3Source
-
-                def make(url: S3Url, downloads: Path) -> Any:
-                    return S3Source.single_adapter(url, downloads=downloads, limit=self.limit,
-                                                   served_name=self.served_name)
-
-                self._s3_source = make
-            store = self._stores[entry.name] = self._s3_source(
-                entry.s3, self.downloads / "s3" / entry.name)
-            store.on_change = self.hub.on_done
-        found = store.scan()
-        if store.source_problem is not None:
-            return AdapterFolder(name=entry.name, path=self.downloads / entry.name,
-                                 fingerprint=f"s3:{entry.name}", pending=True,
-                                 problem=store.source_problem, url=str(entry.s3))
-        if not found:
-            return AdapterFolder(name=entry.name, path=self.downloads / entry.name,
-                                 fingerprint=f"s3:{entry.name}",
-                                 problem=f"no adapter at {entry.s3}")
-        return replace(found[0], name=entry.name)

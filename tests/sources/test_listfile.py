@@ -109,14 +109,14 @@ def test_a_hub_adapter_follows_its_branch_and_a_pinned_one_stays(hub, tmp_path, 
         (library / "alpha" / WEIGHTS).read_bytes()
     assert found["pin"].valid and found["pin"].fingerprint == pinned
     assert found["follow"].url == f"hf://acme/follow@{first[:12]}"
-    calls = source.hub.revision_calls
+    calls = source.remote.hub.revision_calls
     assert by_name(source.scan())["follow"] == found["follow"]  # unchanged: nothing fetched
-    assert source.hub.revision_calls == calls + 1  # one small call; none for a pinned commit
+    assert source.remote.hub.revision_calls == calls + 1  # one small call; none for a pinned commit
     second = hub.commit("acme/follow", library / "beta")
     hub.commit("acme/pinned", library / "alpha")
     during = by_name(source.scan())
     assert during["follow"] == found["follow"]  # the old commit serves while the new one comes
-    source.hub.wait()
+    source.remote.hub.wait()
     after = by_name(source.scan())
     assert after["follow"].fingerprint == second and after["follow"].valid
     assert (after["follow"].path / WEIGHTS).read_bytes() == \
@@ -139,9 +139,9 @@ def test_a_missing_repo_or_a_hub_outage_is_a_reason_on_that_adapter_only(
     assert "hf://acme/no-such-repo was not found" in found["gone"].problem
     assert "HF_TOKEN" in found["gone"].problem
     assert found["branch"].pending and found["branch"].kind is Kind.DOWNLOAD_FAILED
-    calls = source.hub.revision_calls
+    calls = source.remote.hub.revision_calls
     again = by_name(source.scan())
-    assert source.hub.revision_calls == calls + 1  # the two failed ones back off
+    assert source.remote.hub.revision_calls == calls + 1  # the two failed ones back off
     assert again["gone"].problem == found["gone"].problem
     hub.stop()
     try:
