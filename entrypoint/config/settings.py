@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from entrypoint.adapters.uris import allowed_problem, is_remote, split_allowed
 from entrypoint.sources.s3_client import INSTALL, SCHEME, S3Url
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -134,9 +135,9 @@ class Settings(BaseSettings):
     )
     peft_api_allowed_paths: str | None = Field(
         default=None,
-        description="(ours) Colon-separated folders that runtime API loads may read adapters "
-        "from, besides NIM_PEFT_SOURCE; a `lora_path` that resolves (links and `..` resolved) "
-        "anywhere else gets a 403.",
+        description="(ours) Folders that runtime API loads may read adapters from, besides "
+        "NIM_PEFT_SOURCE, and `s3://BUCKET[/PREFIX]` or `hf://ORG[/REPO]` prefixes they may "
+        "fetch, separated by ',' or ':'; anything else (links and `..` resolved) is a 403.",
     )
     peft_api_max_adapters: int = Field(
         default=256,
@@ -269,8 +270,12 @@ class Settings(BaseSettings):
 
     @property
     def api_allowed_paths(self) -> list[str]:
-        """NIM_PEFT_API_ALLOWED_PATHS, as listed (empty entries left out)."""
-        return [p for p in (self.peft_api_allowed_paths or "").split(":") if p.strip()]
+        """The folders NIM_PEFT_API_ALLOWED_PATHS lists (its URI prefixes: `api_allowed_uris`)."""
+        return [p for p in split_allowed(self.peft_api_allowed_paths) if not is_remote(p)]
+
+    @property
+    def api_allowed_uris(self) -> list[str]:
+        return [p for p in split_allowed(self.peft_api_allowed_paths) if is_remote(p)]
 
     @property
     def api_roots(self) -> tuple[Path, ...]:
@@ -403,18 +408,8 @@ def check_paths(settings: Settings, *, need_model: bool = True) -> None:
                 "the folder that holds one sub-folder per adapter, or at a list of adapters "
                 "(a .yaml or .json file)"
             )
-    for allowed in settings.api_allowed_paths:
-        where = f"NIM_PEFT_API_ALLOWED_PATHS={settings.peft_api_allowed_paths}: {allowed!r}"
-        if not Path(allowed).is_absolute():
-            raise ConfigError(f"{where} is not an absolute path; list absolute folders "
-                              "separated by ':'")
-        if not Path(allowed).is_dir():
-            raise ConfigError(f"{where}: no such folder; create it, mount it, or leave it "
-                              "out")
-        if os.path.realpath(allowed) == "/":
-            raise ConfigError(f"{where} is the root folder, which would let runtime loads "
-                              "read any file on this machine; list the folders adapters "
-                              "are kept in")
+    if (problem := allowed_problem(settings.peft_api_allowed_paths)) is not None:
+        raise ConfigError(problem)
     if settings.peft_refresh_interval is not None and settings.peft_source is None:
         raise ConfigError(
             "NIM_PEFT_REFRESH_INTERVAL is set but NIM_PEFT_SOURCE is not: set NIM_PEFT_SOURCE "

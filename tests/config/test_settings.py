@@ -151,3 +151,23 @@ def test_api_allowed_paths_that_allow_everything_or_nothing_are_refused(
     monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", f"{tmp_path}:{listed}")
     with pytest.raises(ConfigError, match=f"^NIM_PEFT_API_ALLOWED_PATHS=.*{message}"):
         load_settings()
+
+
+def test_api_allowed_paths_also_list_uri_prefixes(monkeypatch, model_dir, tmp_path):
+    """Folders and s3:// or hf:// prefixes, separated by ':' or ',' (a URI's `://` is not a
+    separator); a prefix in a form the API could be tricked around is refused at start."""
+    monkeypatch.setenv("NIM_MODEL_NAME", str(model_dir))
+    monkeypatch.setenv("NIM_PEFT_SOURCE", str(tmp_path))
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", f"{store}:s3://bucket/loras,hf://acme:")
+    settings = load_settings()
+    assert settings.api_allowed_paths == [str(store)]
+    assert settings.api_allowed_uris == ["s3://bucket/loras", "hf://acme"]
+    assert settings.api_roots == (tmp_path.resolve(), store.resolve())
+    for bad, message in (("hf://acme/repo/sub", "more than an organisation"),
+                         ("s3://bucket/../other", r"'\.\.' segment"),
+                         ("s3://bucket/%2e%2e", "'%'")):
+        monkeypatch.setenv("NIM_PEFT_API_ALLOWED_PATHS", f"{store}:{bad}")
+        with pytest.raises(ConfigError, match=f"^NIM_PEFT_API_ALLOWED_PATHS=.*{message}"):
+            load_settings()
