@@ -56,7 +56,8 @@ def uri_problem(uri: str, allowed: Sequence[str]) -> str | None:
     """Why a runtime API load may not fetch `uri`, given the allowed entries, or None."""
     found = segments(uri)
     if isinstance(found, str):
-        return f"{uri[:200]!r} {found}"
+        return (f"{uri[:200]!r} {found}; only plain URIs under a prefix listed in {VARIABLE} "
+                "are fetched")
     scheme, parts = found
     for entry in allowed:
         prefix = segments(entry)

@@ -19,14 +19,24 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrypoint.adapters.files import list_folder
+from entrypoint.adapters.files import Kind, list_folder
 from entrypoint.adapters.folder import AdapterFolder, Origin, inspect_folder
 from entrypoint.adapters.names import display_name, name_problem, outside_roots
 from entrypoint.adapters.rank import RankLimit
+from entrypoint.adapters.uris import is_remote, uri_problem
 from entrypoint.reconcile.reconciler import Reconciler
-from entrypoint.reconcile.registry import Registry, State
+from entrypoint.reconcile.registry import AdapterRecord, Registry, State
+from entrypoint.sources.intent import Location
+from entrypoint.sources.remote import FILE_SCHEME, parse_uri
 
 log = logging.getLogger(__name__)
+
+WAITING = (Kind.DOWNLOADING, Kind.UPLOADING)  # a URI's adapter on its way
+DOWNLOAD_POLL_SECS = 0.1
+
+
+def shown(where: Location) -> str:
+    return display_name(str(where))
 
 
 class Problem(enum.Enum):
@@ -64,6 +74,31 @@ def invalid_folder_problem(folder: AdapterFolder, limit: RankLimit | None) -> st
                    f"set NIM_MAX_LORA_RANK={limit.engine_rank(folder.rank)} and restart "
                    "to serve it")
     return problem
+
+
+async def folder_refusal(path: Path, roots: tuple[Path, ...]) -> Answer | None:
+    """Why the folder `path` may not be loaded (confinement, existence), or None."""
+    problem = await asyncio.to_thread(outside_roots, str(path), roots)
+    if problem is not None and not roots:  # an s3:// source and no folder listed
+        return Answer.error(403, f"lora_path {problem}: none is allowed (NIM_PEFT_SOURCE is "
+                            "an object store); list the folders runtime loads may read in "
+                            "NIM_PEFT_API_ALLOWED_PATHS.")
+    if problem is not None:
+        allowed = ", ".join(display_name(str(root)) for root in roots)
+        return Answer.error(403, f"lora_path {problem}: {allowed} (NIM_PEFT_SOURCE and "
+                            "NIM_PEFT_API_ALLOWED_PATHS); copy the adapter there or add its "
+                            "folder to NIM_PEFT_API_ALLOWED_PATHS.")
+    if not await asyncio.to_thread(os.path.isdir, path):
+        return Answer.error(404, f"No adapter folder at {display_name(str(path))}: it does "
+                            "not exist (or is not a folder).")
+    return None
+
+
+def describes(record: AdapterRecord, where: Location) -> bool:
+    """The record describes the adapter at `where` (a folder, or a URI's download)."""
+    if isinstance(where, Path):
+        return record.source == where
+    return record.url.startswith(where.rstrip("/"))
 
 
 class NameLocks:
@@ -127,13 +162,15 @@ class AdapterAPI:
 
     # ---- load ----
 
-    async def load(self, name: object, path: object, *, replace: bool = False) -> Answer:
-        """Load the adapter folder `path` under `name` (`replace`: a served API adapter takes
-        the new folder's weights)."""
+    async def load(self, name: object, path: object, *, replace: bool = False,
+                   field: str = "lora_path") -> Answer:
+        """Load the adapter at `path` (a folder on this server, or an s3:// or hf:// URI
+        allowed by NIM_PEFT_API_ALLOWED_PATHS) under `name` (`replace`: a served API adapter
+        takes the new weights). `field` names `path` as the caller's form does."""
         if (refused := self.refusal()) is not None:
             return refused
         if not name or not path or not isinstance(name, str) or not isinstance(path, str):
-            return Answer.error(400, "Both 'lora_name' and 'lora_path' must be provided.")
+            return Answer.error(400, f"Both 'lora_name' and '{field}' must be provided.")
         if (problem := name_problem(name)) is not None:
             shown = display_name(name if len(name) < 80 else name[:77] + "...")
             return Answer.error(400, f"lora_name {shown!r} {problem}.")
@@ -141,59 +178,48 @@ class AdapterAPI:
             return Answer.error(400, f"The lora adapter '{name}' conflicts with a served base "
                                 "model.")
         if any(ord(c) < 32 or c == "\x7f" for c in path) or len(path) > 4096:
-            return Answer.error(400, "lora_path contains control characters or is over 4096 "
+            return Answer.error(400, f"{field} contains control characters or is over 4096 "
                                 "characters; give the folder of the adapter on this server.")
+        path = path[len(FILE_SCHEME):] if path.startswith(FILE_SCHEME) else path
+        if is_remote(path):
+            return await self._locks.run(name, self._load(name, path, replace=replace))
         if not os.path.isabs(path):
-            return Answer.error(400, f"lora_path '{display_name(path)}' is not an absolute path; "
-                                "give the folder of the adapter on this server (hub ids and "
-                                "URLs are not downloaded).")
+            return Answer.error(400, f"{field} '{display_name(path)}' is not an absolute path; "
+                                "give the folder of the adapter on this server, or an s3:// or "
+                                "hf:// URI.")
         return await self._locks.run(name, self._load(name, Path(os.path.normpath(path)),
                                                       replace=replace))
 
-    async def _load(self, name: str, path: Path, *, replace: bool) -> Answer:
+    async def _load(self, name: str, where: Location, *, replace: bool) -> Answer:
         assert self.reconciler is not None
         intent = self.reconciler.intent
-        problem = await asyncio.to_thread(outside_roots, str(path), self.roots)
-        if problem is not None and not self.roots:  # an s3:// source and no folder listed
-            return Answer.error(403, f"lora_path {problem}: none is allowed (NIM_PEFT_SOURCE is "
-                                "an object store); list the folders runtime loads may read in "
-                                "NIM_PEFT_API_ALLOWED_PATHS.")
-        if problem is not None:
-            allowed = ", ".join(display_name(str(root)) for root in self.roots)
-            return Answer.error(403, f"lora_path {problem}: {allowed} (NIM_PEFT_SOURCE and "
-                                "NIM_PEFT_API_ALLOWED_PATHS); copy the adapter there or add its "
-                                "folder to NIM_PEFT_API_ALLOWED_PATHS.")
-        if not await asyncio.to_thread(os.path.isdir, path):
-            return Answer.error(404, f"No adapter folder at {display_name(str(path))}: it does "
-                                "not exist (or is not a folder).")
+        refused = await (folder_refusal(where, self.roots) if isinstance(where, Path) else
+                         asyncio.to_thread(self._uri_refusal, where))
+        if refused is not None:
+            return refused
         record = self.registry.get(name)
         own_folder = self.source is not None and (self.source / name).is_dir()
         if name not in intent.loaded and (own_folder or (
                 record is not None and record.origin is Origin.FOLDER)):
-            return await self._load_own_folder(name, path)
+            return await self._load_own_folder(name, where)
         if record is not None and record.servable and not replace:
             return Answer.error(400, f"The lora adapter '{name}' has already been loaded. If you "
                                 "want to load the adapter in place, set 'load_inplace' to True.",
                                 Problem.ALREADY_LOADED)
         if (full := self._full(name)) is not None:
             return full
-        folder = await asyncio.to_thread(
-            inspect_folder, path, limit=self.reconciler.scanner.limit,
-            served_name=self.served_name, name=name, complete=True)
-        if not folder.valid:
-            problem = invalid_folder_problem(folder, self.reconciler.scanner.limit)
-            return Answer.error(400, f"Adapter '{name}' at {display_name(str(path))} cannot be "
-                                f"loaded: {problem}.")
+        if isinstance(where, Path) and (invalid := await self._invalid(name, where)):
+            return invalid
         if (full := self._full(name)) is not None:  # (loads of other names ran meanwhile)
             return full
         previous = intent.loaded.get(name)
-        if (unsaved := self._keep(loaded={name: path})) is not None:
+        if (unsaved := self._keep(loaded={name: where})) is not None:
             return unsaved
-        await self.reconciler.converge(name, timeout=self.timeout)
+        await self._converge(name)
         record = self.registry.get(name)
-        if (record is not None and record.servable and record.source == path
-                and record.loaded_version == record.version):
-            log.info("adapter %s: loaded through the API from %s", name, display_name(str(path)))
+        if record is not None and record.servable and record.loaded_version == record.version \
+                and intent.loaded.get(name) == where and describes(record, where):
+            log.info("adapter %s: loaded through the API from %s", name, shown(where))
             return Answer(True, 200, f"Success: LoRA adapter '{name}' added successfully.")
         if record is not None and record.state is State.LOADING:
             return Answer.error(503, f"Adapter '{name}' is still loading; GET /v1/adapters/{name} "
@@ -203,6 +229,45 @@ class AdapterAPI:
         transient = record is None or record.state is State.PENDING
         return Answer.error(503 if transient else 400,
                             f"Adapter '{name}' was not loaded: {reason}.")
+
+    def _uri_refusal(self, uri: str) -> Answer | None:
+        """Why the URI `uri` may not be fetched (not allowed, not an adapter's), or None."""
+        assert self.reconciler is not None
+        api = self.reconciler.api
+        if (problem := uri_problem(uri, api.uris)) is not None:
+            return Answer.error(403, f"{display_name(problem)}.")
+        if api.remote is None:
+            return Answer.error(403, f"{display_name(uri)}: this server fetches no URIs.")
+        try:
+            parse_uri("check", uri)
+        except ValueError as exc:
+            return Answer.error(400, f"{display_name(str(exc))}.")
+        return None
+
+    async def _invalid(self, name: str, path: Path) -> Answer | None:
+        """The refusal of a folder that is not a valid adapter, or None."""
+        assert self.reconciler is not None
+        folder = await asyncio.to_thread(
+            inspect_folder, path, limit=self.reconciler.scanner.limit,
+            served_name=self.served_name, name=name, complete=True)
+        if folder.valid:
+            return None
+        problem = invalid_folder_problem(folder, self.reconciler.scanner.limit)
+        return Answer.error(400, f"Adapter '{name}' at {display_name(str(path))} cannot be "
+                            f"loaded: {problem}.")
+
+    async def _converge(self, name: str) -> None:
+        """Passes until the work on `name` is done, and a download it waits for (an adapter
+        loaded from a URI) has arrived or failed, up to the API's timeout."""
+        assert self.reconciler is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            await self.reconciler.converge(name, timeout=max(0.0, deadline - loop.time()))
+            folder = self.reconciler.api.last(name)
+            if folder is None or folder.kind not in WAITING or loop.time() >= deadline:
+                return
+            await asyncio.sleep(DOWNLOAD_POLL_SECS)
 
     def _full(self, name: str) -> Answer | None:
         """The refusal of a new name once NIM_PEFT_API_MAX_ADAPTERS are loaded through the API.
@@ -215,7 +280,7 @@ class AdapterAPI:
                             "through the API, its limit (NIM_PEFT_API_MAX_ADAPTERS); unload one "
                             "first, or raise the limit.")
 
-    async def _load_own_folder(self, name: str, path: Path) -> Answer:
+    async def _load_own_folder(self, name: str, path: Location) -> Answer:
         """`name` is a folder under NIM_PEFT_SOURCE: loading it from its own folder undoes an
         API unload; any other path is a conflict."""
         assert self.reconciler is not None
@@ -224,7 +289,7 @@ class AdapterAPI:
                                 "(an object store); choose another lora_name. Unloaded "
                                 "through the API, it is served again when its objects change.")
         own = Path(os.path.realpath(self.source / name))
-        if Path(os.path.realpath(path)) != own:
+        if not isinstance(path, Path) or Path(os.path.realpath(path)) != own:
             return Answer.error(400, f"An adapter folder named '{name}' is in NIM_PEFT_SOURCE; "
                                 "choose another lora_name, or give its own folder as lora_path.")
         intent = self.reconciler.intent
@@ -280,7 +345,7 @@ class AdapterAPI:
 
     # ---- helpers ----
 
-    def _keep(self, *, loaded: dict[str, Path | None] | None = None,
+    def _keep(self, *, loaded: dict[str, Location | None] | None = None,
               unloaded: dict[str, str | None] | None = None) -> Answer | None:
         """Change the intent; when it cannot be written, it stays as it was and the answer says
         why (a decision a restart would not remember is not taken)."""
@@ -292,7 +357,7 @@ class AdapterAPI:
             return Answer.error(500, f"Cannot write {self.reconciler.intent.file} under "
                                 f"NIM_CACHE_PATH ({exc.strerror or exc}); make it writable.")
 
-    async def _revert(self, name: str, previous: Path | None) -> None:
+    async def _revert(self, name: str, previous: Location | None) -> None:
         """Undo a load that failed: the previous folder (or none) again, acted on."""
         assert self.reconciler is not None
         self.reconciler.intent.change_or_warn(loaded={name: previous})

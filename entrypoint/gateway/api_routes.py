@@ -1,5 +1,6 @@
 """The runtime adapter API on the public port, in vLLM's form (`/v1/load_lora_adapter`,
-`/v1/unload_lora_adapter`) and SGLang's (`/load_lora_adapter`, `/unload_lora_adapter`).
+`/v1/unload_lora_adapter`), SGLang's (`/load_lora_adapter`, `/unload_lora_adapter`), Dynamo's
+(`/v1/loras`) and AIBrix's runtime form (`/v1/lora_adapter/load`, `/v1/lora_adapter/unload`).
 
 HTTP only: it reads the call's JSON, hands it to `AdapterAPI`, logs the outcome and shapes the
 `Answer` as the engine whose form was called would (each engine's wording lives in its module
@@ -13,7 +14,7 @@ import logging
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from entrypoint.backends import sglang, vllm
+from entrypoint.backends import dynamo, sglang, vllm
 from entrypoint.gateway.api import AdapterAPI, Answer, Problem
 from entrypoint.gateway.bodies import BadBody, json_object
 from entrypoint.gateway.errors import Refusal
@@ -21,6 +22,7 @@ from entrypoint.gateway.intake import read_asgi_body
 from entrypoint.gateway.state import GatewayState
 
 MAX_API_BODY_BYTES = 64 << 10  # a runtime API call: a name and a path
+AIBRIX_HUB = "huggingface://"
 access_log = logging.getLogger("entrypoint.access")
 
 
@@ -65,6 +67,41 @@ class APIRoutes:
                                                          self.api().loaded_adapters()))
         return self._sglang_answer(request, answer, body.get("lora_name"))
 
+    async def load_dynamo(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Answer):
+            return self._dynamo_answer(request, body)
+        source = body.get("source")
+        uri = source.get("uri") if isinstance(source, dict) else None
+        answer = await self.api().load(body.get("lora_name"), uri, replace=True,
+                                       field="source.uri")
+        return self._dynamo_answer(request, answer, body.get("lora_name"))
+
+    async def list_dynamo(self, request: Request) -> Response:
+        if (refused := self.api().refusal()) is not None:
+            return self._dynamo_answer(request, refused)
+        return JSONResponse(dynamo.listing(list(self.api().loaded_adapters())))
+
+    async def unload_dynamo(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if (refused := self.api().refusal()) is not None:
+            return self._dynamo_answer(request, refused, name)
+        answer = await self.api().unload(name)
+        if answer.status == 404:
+            answer = Answer.error(404, dynamo.not_found(name, list(self.api().loaded_adapters())))
+        return self._dynamo_answer(request, answer, name, unloaded=True)
+
+    async def load_aibrix(self, request: Request) -> Response:
+        """AIBrix's runtime form: `artifact_url` (`huggingface://` is the Hub's `hf://`)."""
+        body = await self._body(request)
+        if isinstance(body, Answer):
+            return self._vllm_answer(request, body)
+        url = body.get("artifact_url")
+        if isinstance(url, str) and url.startswith(AIBRIX_HUB):
+            url = "hf://" + url[len(AIBRIX_HUB):]
+        answer = await self.api().load(body.get("lora_name"), url, field="artifact_url")
+        return self._vllm_answer(request, answer, body.get("lora_name"))
+
     def api(self) -> AdapterAPI:
         """The service's API, or one that is off when it set none."""
         api = self.state.api
@@ -92,6 +129,12 @@ class APIRoutes:
         if isinstance(body, str):
             return PlainTextResponse(body, status_code=status)
         return JSONResponse(body, status_code=status)
+
+    def _dynamo_answer(self, request: Request, answer: Answer, name: object = None, *,
+                       unloaded: bool = False) -> Response:
+        log_call(request, answer, name)
+        return JSONResponse(dynamo.answer(answer.ok, answer.message, name, unloaded=unloaded),
+                            status_code=answer.status)
 
     def _sglang_answer(self, request: Request, answer: Answer, name: object = None) -> Response:
         log_call(request, answer, name)

@@ -69,6 +69,11 @@ class Gateway:
             Route("/v1/unload_lora_adapter", api.unload_vllm, methods=["POST"]),
             Route("/load_lora_adapter", api.load_sglang, methods=["POST"]),
             Route("/unload_lora_adapter", api.unload_sglang, methods=["POST"]),
+            Route("/v1/loras", api.load_dynamo, methods=["POST"]),
+            Route("/v1/loras", api.list_dynamo, methods=["GET"]),
+            Route("/v1/loras/{name:path}", api.unload_dynamo, methods=["DELETE"]),
+            Route("/v1/lora_adapter/load", api.load_aibrix, methods=["POST"]),
+            Route("/v1/lora_adapter/unload", api.unload_vllm, methods=["POST"]),
             Route("/{path:path}", self.unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         ]
         self.router: ASGIApp = Starlette(routes=routes)

@@ -28,10 +28,11 @@ from entrypoint.reconcile.calls import BackendCalls
 from entrypoint.reconcile.decide import Observed, decide
 from entrypoint.reconcile.registry import Registry, Traffic
 from entrypoint.snapshots import SnapshotStore
-from entrypoint.sources.api import ApiAdapters
+from entrypoint.sources.api import ApiAdapters, ApiRemote
 from entrypoint.sources.base import AdapterSource
 from entrypoint.sources.folder import FolderSource
 from entrypoint.sources.intent import Intent
+from entrypoint.sources.remote import RemoteAdapters
 
 log = logging.getLogger("entrypoint.reconcile")
 
@@ -66,6 +67,7 @@ class Reconciler:
         wake: Callable[[], None] | None = None,
         intent: Intent | None = None,
         api_roots: Sequence[Path] = (),
+        api_remote: ApiRemote | None = None,
         clock: Clock = REAL,
         backoff: Backoff = BACKEND_CALLS,
     ) -> None:
@@ -78,8 +80,12 @@ class Reconciler:
         self.metrics = metrics
         self.clock = clock
         self._wake = wake or (lambda: None)
+        remote = None if api_remote is None else RemoteAdapters(
+            api_remote.downloads, limit=scanner.limit, served_name=scanner.served_name,
+            clock=clock)
         self.api = ApiAdapters(intent or Intent(), tuple(api_roots), limit=scanner.limit,
-                               served_name=scanner.served_name)
+                               served_name=scanner.served_name,
+                               uris=api_remote.uris if api_remote else (), remote=remote)
         self.calls = BackendCalls(backend, client, self.traffic, snapshots, self.wake, backoff)
         self.actions = Actions(registry, self.calls, snapshots, counts=self._counts(),
                                wake=self.wake, roots=self._roots, hidden=lambda: self.api.hidden,
@@ -189,6 +195,8 @@ class Reconciler:
             loop.call_soon_threadsafe(self.wake)
 
         self.scanner.on_change = changed
+        if self.api.remote is not None:
+            self.api.remote.on_change = changed
 
     def _scan(self) -> tuple[list[AdapterFolder], list[AdapterFolder]]:
         """The source's adapters, and the API's."""
@@ -196,7 +204,7 @@ class Reconciler:
 
     def _roots(self, folder: AdapterFolder) -> tuple[Path, ...]:
         """The folders a snapshot of `folder` may read."""
-        return self.api.roots if folder.origin is Origin.API else self.scanner.roots
+        return self.api.snapshot_roots if folder.origin is Origin.API else self.scanner.roots
 
     async def wait_idle(self) -> None:
         """Wait until no per-name work is in flight."""
@@ -206,6 +214,8 @@ class Reconciler:
 
     async def close(self) -> None:
         self.scanner.close()
+        if self.api.remote is not None:
+            self.api.remote.close()
         tasks = [job.task for job in self._work.values()]
         for task in tasks:
             task.cancel()

@@ -40,6 +40,7 @@ from entrypoint.runtime.net import (
 )
 from entrypoint.runtime.startup import (
     Startup,
+    api_downloads_folder,
     downloads_folder,
     private_folder,
     resolve,
@@ -50,6 +51,7 @@ from entrypoint.runtime.supervisor import BackendProcess, become_subreaper, reap
 from entrypoint.runtime.tasks import ServiceTasks
 from entrypoint.runtime.watcher import FolderWatcher
 from entrypoint.snapshots import SnapshotStore
+from entrypoint.sources.api import ApiRemote
 from entrypoint.sources.s3_client import S3Url
 
 log = logging.getLogger("entrypoint")
@@ -115,7 +117,9 @@ class Service:
             backend=self.plan.backend, client=self.client, registry=self.registry,
             served_name=settings.served_name, rank_limit=limit, scanner=scanner,
             snapshots=self.snapshots, traffic=self.traffic, metrics=self.metrics,
-            wake=self._poke_watcher, intent=self.startup.intent, api_roots=settings.api_roots)
+            wake=self._poke_watcher, intent=self.startup.intent, api_roots=settings.api_roots,
+            api_remote=ApiRemote(api_downloads_folder(settings), tuple(settings.api_allowed_uris))
+            if settings.api_allowed_uris else None)
         # (an object store sends no events here: it is listed every interval)
         watcher = FolderWatcher(scanner.watch_folder, interval=interval, look=reconciler.sync,
                                 events=settings.peft_watch_events)

@@ -180,7 +180,7 @@ def judge(settings: Settings, backend: Backend, found: Iterable[AdapterFolder],
     found = list(found)
     kept = [] if intent is None else [
         inspect_folder(path, name=name) for name, path in intent.loaded.items()
-        if outside_roots(str(path), settings.api_roots) is None]
+        if isinstance(path, Path) and outside_roots(str(path), settings.api_roots) is None]
     limit = rank_limit(settings, backend, [*found, *kept])
     return tuple(limit.apply(folder) for folder in found), limit
 
@@ -250,6 +250,12 @@ def instance_name(settings: Settings) -> str:
 def downloads_folder(settings: Settings) -> Path:
     """Where adapters from an s3:// source are downloaded (one folder per instance)."""
     return settings.cache_path.expanduser().resolve() / "s3" / instance_name(settings)
+
+
+def api_downloads_folder(settings: Settings) -> Path:
+    """Where adapters the runtime API loads from an s3:// or hf:// URI are downloaded (kept
+    across restarts, as the loads are)."""
+    return settings.cache_path.expanduser().resolve() / "api-downloads" / instance_name(settings)
 
 
 def snapshot_store(settings: Settings) -> SnapshotStore:

@@ -3,43 +3,83 @@ unloaded, as the reconciler sees them at each pass.
 
 Reads the standing requests (`Intent`) and the folders they name; an API adapter's folder is
 re-read only when its files change, and its confinement to the allowed folders is checked every
-time. Must not call a backend or change the intent except to forget an unload whose files
-changed or went.
+time. An adapter loaded from an s3:// or hf:// URI is fetched by `RemoteAdapters` under its own
+downloads folder, its URI checked against the allowed prefixes every pass. Must not call a
+backend or change the intent except to forget an unload whose files changed or went.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from entrypoint.adapters.files import list_folder
 from entrypoint.adapters.folder import AdapterFolder, Origin, inspect_folder
 from entrypoint.adapters.names import outside_roots
 from entrypoint.adapters.rank import RankLimit
+from entrypoint.adapters.uris import VARIABLE, uri_problem
 from entrypoint.sources.intent import Intent
+from entrypoint.sources.remote import RemoteAdapters, parse_uri
 
 log = logging.getLogger("entrypoint.reconcile")
+
+
+@dataclass(frozen=True)
+class ApiRemote:
+    """Where adapters the API loads from a URI are downloaded, and the prefixes allowed."""
+
+    downloads: Path
+    uris: tuple[str, ...]
 
 
 class ApiAdapters:
     """What the API's intent adds to, and takes from, the sources' adapters."""
 
     def __init__(self, intent: Intent, roots: tuple[Path, ...], *,
-                 limit: RankLimit | None, served_name: str | None) -> None:
-        self.intent, self.roots = intent, roots
+                 limit: RankLimit | None, served_name: str | None,
+                 uris: tuple[str, ...] = (), remote: RemoteAdapters | None = None) -> None:
+        self.intent, self.roots, self.uris = intent, roots, uris
         self.limit, self.served_name = limit, served_name
+        self.remote = remote  # None: no URI is fetched (no downloads folder)
         self._known: dict[str, AdapterFolder] = {}  # the API adapters' last inspection
         #: folder adapters unloaded by the API, while their files are the ones unloaded
         self.hidden: dict[str, AdapterFolder] = {}
 
+    @property
+    def snapshot_roots(self) -> tuple[Path, ...]:
+        """Where an API adapter's files may be: the allowed folders and the downloads."""
+        if self.remote is None:
+            return self.roots
+        return (*self.roots, Path(os.path.realpath(self.remote.downloads)))
+
     def scan(self) -> list[AdapterFolder]:
         """The folders of the adapters loaded through the API (file work: run in a thread)."""
         known: dict[str, AdapterFolder] = {}
-        for name, path in sorted(self.intent.loaded.items()):
-            known[name] = self._inspect(name, path)
+        for name, where in sorted(self.intent.loaded.items()):
+            known[name] = self._inspect(name, where) if isinstance(where, Path) else \
+                self._fetched(name, where)
         self._known = known
+        if self.remote is not None:
+            self.remote.keep({n for n, w in self.intent.loaded.items() if isinstance(w, str)})
         return list(known.values())
+
+    def last(self, name: str) -> AdapterFolder | None:
+        """What the last pass saw of API adapter `name`."""
+        return self._known.get(name)
+
+    def _fetched(self, name: str, uri: str) -> AdapterFolder:
+        """An adapter loaded from a URI: fetched while the URI is allowed."""
+        problem = uri_problem(uri, self.uris)
+        if problem is None and self.remote is None:
+            problem = "URIs are not fetched here"
+        if problem is not None:
+            return AdapterFolder(name=name, path=Path(os.devnull), fingerprint=f"uri:{uri}",
+                                 origin=Origin.API, url=uri, problem=f"{problem} (or unload "
+                                 f"it; {VARIABLE} is read at start)")
+        assert self.remote is not None
+        return replace(self.remote.folder(parse_uri(name, uri)), origin=Origin.API)
 
     def _inspect(self, name: str, path: Path) -> AdapterFolder:
         listing = list_folder(str(path))

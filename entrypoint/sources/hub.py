@@ -161,8 +161,12 @@ class HubDownloads:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def collect(self) -> None:
-        """Delete downloads no adapter is at any more (an older commit, a removed entry)."""
+        """Delete downloads no adapter is at any more (an older commit, a removed entry); a
+        download under way is kept (deleting it mid-way failed it: found by the API's tests,
+        whose passes come every 0.1 s while a load waits)."""
         keep = {f"{name}-{r.commit}" for name, r in self._records.items() if r.commit}
+        keep |= {f".tmp-{name}-{r.commit}" for name, r in self._records.items()
+                 if r.future is not None}
         for entry in self.folder.glob("*") if self.folder.is_dir() else ():
             if entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True)

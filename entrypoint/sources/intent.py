@@ -1,9 +1,10 @@
 """Intent: what runtime API calls asked for, kept in a file so that it outlives a restart.
 
 Two facts, both about adapters the folder alone does not explain: adapters loaded through the API
-(name -> the folder they were loaded from), and folder adapters unloaded through the API (name ->
-the fingerprint of the folder's files then: they stay unloaded until those files change). The
-reconciler reads both on every pass. File work only.
+(name -> the folder they were loaded from, a `Path`, or the s3:// or hf:// URI, a `str`), and
+folder adapters unloaded through the API (name -> the fingerprint of the folder's files then:
+they stay unloaded until those files change). The reconciler reads both on every pass. File
+work only.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from entrypoint.adapters.names import name_problem
+from entrypoint.adapters.uris import is_remote
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
+Location = Path | str  # a folder, or an s3:// or hf:// URI
 
 
 @dataclass
@@ -27,7 +30,7 @@ class Intent:
     """The API's standing requests; `file` is where they are kept (None: not kept)."""
 
     file: Path | None = None
-    loaded: dict[str, Path] = field(default_factory=dict)
+    loaded: dict[str, Location] = field(default_factory=dict)
     unloaded: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -56,7 +59,7 @@ class Intent:
         for name, path in loaded.items():
             problem = _entry_problem(name, path, path=True)
             if problem is None:
-                intent.loaded[name] = Path(path)
+                intent.loaded[name] = path if is_remote(path) else Path(path)
             else:
                 log.warning("%s: skipped the API adapter %s: %s", file, ascii(name), problem)
         for name, fingerprint in unloaded.items():
@@ -67,7 +70,7 @@ class Intent:
                 log.warning("%s: skipped the API unload of %s: %s", file, ascii(name), problem)
         return intent
 
-    def change(self, *, loaded: dict[str, Path | None] | None = None,
+    def change(self, *, loaded: dict[str, Location | None] | None = None,
                unloaded: dict[str, str | None] | None = None) -> None:
         """Set (None: drop) these entries and write the file, as one change: when the file
         cannot be written the entries are as they were and OSError is raised (a decision a
@@ -81,7 +84,7 @@ class Intent:
             self.loaded, self.unloaded = before
             raise
 
-    def change_or_warn(self, *, loaded: dict[str, Path | None] | None = None,
+    def change_or_warn(self, *, loaded: dict[str, Location | None] | None = None,
                        unloaded: dict[str, str | None] | None = None) -> None:
         """`change`, made even when the file cannot be written (one warning says so): for
         changes that undo or follow what already happened."""
@@ -118,8 +121,8 @@ def _entry_problem(name: str, value: object, *, path: bool) -> str | None:
         return f"the name {problem}"
     if not isinstance(value, str):
         return f"{ascii(value)} is not a string"
-    if path and (not os.path.isabs(value) or "\0" in value):
-        return f"{ascii(value)} is not an absolute path"
+    if path and (not (os.path.isabs(value) or is_remote(value)) or "\0" in value):
+        return f"{ascii(value)} is not an absolute path or an s3:// or hf:// URI"
     return None
 
 
