@@ -229,3 +229,22 @@ def test_a_served_name_with_a_colon_is_refused_at_start(tmp_path, tiny_model, li
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: NIM_SERVED_MODEL_NAME=org:tiny: contains ':'")
+
+
+def test_runtime_api_loads_an_hf_uri_on_sglang(serve_factory, tmp_path, tiny_model, library,
+                                               hub_server):
+    """SGLang's form with an hf:// lora_path: fetched from the Hub-compatible server, it answers
+    as the same weights from a folder; a prefix not listed is a 403 naming the variable."""
+    hub_server.commit("team/s-hub", library / "alpha")
+    source = make_source(tmp_path, library, {"alpha": "alpha"})
+    server = serve_factory(sglang_env(tmp_path, tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="30",
+                                      NIM_PEFT_API_ALLOWED_PATHS="hf://team",
+                                      **hub_server.env()), name="sglang-hub").wait_ready(timeout=60)
+    reply = server.http.post("/load_lora_adapter", json={"lora_name": "s-hub",
+                                                         "lora_path": "hf://team/s-hub"})
+    assert reply.status_code == 200 and reply.json()["success"] is True, reply.text
+    assert server.complete("s-hub") == server.complete("alpha") != server.complete("tiny")
+    assert server.adapters()["s-hub"]["source"].startswith("hf://team/s-hub@")
+    refused = server.http.post("/load_lora_adapter", json={"lora_name": "x",
+                                                           "lora_path": "hf://acme/s-hub"})
+    assert refused.status_code == 403 and "NIM_PEFT_API_ALLOWED_PATHS" in refused.text
