@@ -165,8 +165,8 @@ def list_model_profiles(
 @app.command("check-adapters")
 def check_adapters(
     folder: Annotated[
-        str | None, typer.Argument(help="Adapter folder or s3://BUCKET/PREFIX (default: "
-                                   "NIM_PEFT_SOURCE).")
+        str | None, typer.Argument(help="Adapter folder, s3://BUCKET/PREFIX, a list file or "
+                                   "hf://ORG/REPO (default: NIM_PEFT_SOURCE).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
@@ -178,18 +178,23 @@ def check_adapters(
     from entrypoint.runtime.launch import plan_backend
     from entrypoint.runtime.startup import choose_profile, judge_adapters, kept_intent
 
-    settings = _settings(need_model=False, peft_source=folder)
-    if settings.peft_source is None:
-        fail("no adapter folder: pass DIR or set NIM_PEFT_SOURCE")
-        return
-    try:
-        backend = plan_backend(settings, choose_profile(settings, dry_run=True)[0])
-        with tempfile.TemporaryDirectory(prefix="lora-check-") as downloads:
+    with tempfile.TemporaryDirectory(prefix="lora-check-") as downloads:
+        if folder is not None and folder.startswith("hf://"):  # one Hub repository: as a list
+            listed = Path(downloads) / "adapters.json"
+            name = folder.rstrip("/").rsplit("/", 1)[-1]
+            listed.write_text(json.dumps({"adapters": [{"name": name, "uri": folder}]}))
+            folder = str(listed)
+        settings = _settings(need_model=False, peft_source=folder)
+        if settings.peft_source is None:
+            fail("no adapter folder: pass DIR or set NIM_PEFT_SOURCE")
+            return
+        try:
+            backend = plan_backend(settings, choose_profile(settings, dry_run=True)[0])
             adapters, limit = judge_adapters(settings, backend, kept_intent(settings),
                                              downloads=Path(downloads))
-    except ConfigError as exc:
-        fail(str(exc))
-        return
+        except ConfigError as exc:
+            fail(str(exc))
+            return
     if as_json:
         typer.echo(json.dumps([
             {"name": a.name, "valid": a.valid, "pending": a.pending, "rank": a.rank,

@@ -203,3 +203,18 @@ def test_dry_run_shows_an_eight_gpu_command_from_a_laptop(base_env):
     assert plan["argv"][1:3] == ["-m", "sglang.launch_server"]
     assert plan["argv"][plan["argv"].index("--tp-size") + 1] == "8"
     assert "not compatible with this machine: needs 8 GPU(s); none found" in result.stderr
+
+
+def test_check_adapters_reads_an_hf_uri(library, hub_server):
+    """One Hub repository, fetched from the Hub-compatible server of the tests and judged as a
+    folder; a missing one is reported with its reason."""
+    hub_server.commit("acme/check", library / "alpha")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+    env = {**clean, **hub_server.env(), "NIM_MAX_LORA_RANK": "16"}
+    result = subprocess.run([str(BIN), "check-adapters", "hf://acme/check"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "check\tok\trank 8" in result.stdout
+    missing = subprocess.run([str(BIN), "check-adapters", "hf://acme/missing"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 1 and "hf://acme/missing was not found" in missing.stdout
