@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,33 @@ def test_a_missing_repo_or_a_hub_outage_is_a_reason_on_that_adapter_only(
         hub.start()
     clock.step(300)
     assert by_name(source.scan())["here"] == found["here"]  # back: the same commit, kept
+
+
+def test_an_s3_entry_is_one_adapter_and_goes_with_its_entry(s3_store, bucket, tmp_path, library,
+                                                            listed, monkeypatch):
+    """`s3://BUCKET/PREFIX` names one adapter (its files directly below), downloaded beside a
+    folder entry; the entry removed, its download is deleted."""
+    from tests.sources.test_s3 import upload
+
+    for key, value in s3_store.env().items():
+        monkeypatch.setenv(key, value)
+    upload(s3_store.client(), bucket, "support", library / "gamma")
+    copy_adapter(library / "alpha", tmp_path / "a1")
+    write(listed, {"name": "support", "uri": f"s3://{bucket}/loras/support"},
+          {"name": "local", "uri": str(tmp_path / "a1")})
+    source = ListSource(listed, downloads=tmp_path / "dl", limit=RankLimit(16))
+    found = by_name(source.scan_at_start())
+    for _ in range(40):  # until the store's objects are old enough to be taken as complete
+        if found["support"].valid:
+            break
+        source.remote.wait()
+        time.sleep(0.1)
+        found = by_name(source.scan())
+    assert found["support"].valid and found["local"].valid, found
+    assert (found["support"].path / WEIGHTS).read_bytes() == \
+        (library / "gamma" / WEIGHTS).read_bytes()
+    assert found["support"].url.startswith(f"s3://{bucket}/loras/support")
+    write(listed, {"name": "local", "uri": str(tmp_path / "a1")})
+    assert set(by_name(source.scan())) == {"local"}
+    assert not (tmp_path / "dl" / "s3" / "support").exists()
+    source.close()
