@@ -231,20 +231,35 @@ def test_a_served_name_with_a_colon_is_refused_at_start(tmp_path, tiny_model, li
         "error: NIM_SERVED_MODEL_NAME=org:tiny: contains ':'")
 
 
-def test_runtime_api_loads_an_hf_uri_on_sglang(serve_factory, tmp_path, tiny_model, library,
-                                               hub_server):
-    """SGLang's form with an hf:// lora_path: fetched from the Hub-compatible server, it answers
-    as the same weights from a folder; a prefix not listed is a 403 naming the variable."""
+def test_a_list_source_and_hf_uris_through_the_api_on_sglang(
+        serve_factory, tmp_path, tiny_model, library, hub_server):
+    """A list file (a folder entry, an hf:// entry) as NIM_PEFT_SOURCE and an hf:// lora_path in
+    SGLang's form: both fetched from the Hub-compatible server, both answer as the same weights
+    from a folder; a prefix not listed is a 403 naming the variable."""
+    hub_server.commit("acme/s-list", library / "alpha")
     hub_server.commit("team/s-hub", library / "alpha")
-    source = make_source(tmp_path, library, {"alpha": "alpha"})
-    server = serve_factory(sglang_env(tmp_path, tiny_model, source, NIM_PEFT_REFRESH_INTERVAL="30",
+    folders = make_source(tmp_path, library, {"alpha": "alpha"})
+    listed = tmp_path / "etc" / "adapters.yaml"
+    listed.parent.mkdir()
+    listed.write_text(f"adapters:\n  - name: alpha\n    uri: {folders / 'alpha'}\n"
+                      "  - name: s-list\n    uri: hf://acme/s-list\n")
+    server = serve_factory(sglang_env(tmp_path, tiny_model, listed, NIM_PEFT_REFRESH_INTERVAL="30",
                                       NIM_PEFT_API_ALLOWED_PATHS="hf://team",
                                       **hub_server.env()), name="sglang-hub").wait_ready(timeout=60)
+    server.wait_for(lambda: server.error_of("s-list") is None, timeout=60, what="s-list served")
+    assert server.complete("s-list") == server.complete("alpha") != server.complete("tiny")
     reply = server.http.post("/load_lora_adapter", json={"lora_name": "s-hub",
                                                          "lora_path": "hf://team/s-hub"})
     assert reply.status_code == 200 and reply.json()["success"] is True, reply.text
-    assert server.complete("s-hub") == server.complete("alpha") != server.complete("tiny")
+    assert server.complete("s-hub") == server.complete("alpha")
     assert server.adapters()["s-hub"]["source"].startswith("hf://team/s-hub@")
     refused = server.http.post("/load_lora_adapter", json={"lora_name": "x",
-                                                           "lora_path": "hf://acme/s-hub"})
+                                                           "lora_path": "hf://acme/s-list"})
     assert refused.status_code == 403 and "NIM_PEFT_API_ALLOWED_PATHS" in refused.text
+    # AIBrix's runtime form: `artifact_url`, with its huggingface:// scheme
+    reply = server.http.post("/v1/lora_adapter/load", json={
+        "lora_name": "s-aibrix", "artifact_url": "huggingface://team/s-hub"})
+    assert reply.status_code == 200 and "added successfully" in reply.text, reply.text
+    assert server.complete("s-aibrix") == server.complete("alpha")
+    reply = server.http.post("/v1/lora_adapter/unload", json={"lora_name": "s-aibrix"})
+    assert reply.status_code == 200 and "s-aibrix" not in server.models()
