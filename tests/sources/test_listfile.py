@@ -186,3 +186,18 @@ def test_an_s3_entry_is_one_adapter_and_goes_with_its_entry(s3_store, bucket, tm
     assert set(by_name(source.scan())) == {"local"}
     assert not (tmp_path / "dl" / "s3" / "support").exists()
     source.close()
+
+
+def test_a_changed_revision_is_a_new_version_of_the_entry(hub, tmp_path, library, listed):
+    first = hub.commit("acme/rev", library / "alpha")
+    second = hub.commit("acme/rev", library / "beta")
+    write(listed, {"name": "rev", "uri": "hf://acme/rev", "revision": first})
+    source = ListSource(listed, downloads=tmp_path / "dl", limit=RankLimit(16))
+    pinned = by_name(source.scan_at_start())["rev"]
+    assert pinned.valid and pinned.fingerprint == first
+    assert (pinned.path / WEIGHTS).read_bytes() == (library / "alpha" / WEIGHTS).read_bytes()
+    write(listed, {"name": "rev", "uri": "hf://acme/rev", "revision": "main"})
+    after = by_name(source.scan_at_start())["rev"]
+    assert after.valid and after.fingerprint == second  # a new version: the reconciler swaps
+    assert (after.path / WEIGHTS).read_bytes() == (library / "beta" / WEIGHTS).read_bytes()
+    source.close()
