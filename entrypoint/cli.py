@@ -180,6 +180,13 @@ def check_adapters(
 
     with tempfile.TemporaryDirectory(prefix="lora-check-") as downloads:
         if folder is not None and folder.startswith("hf://"):  # one Hub repository: as a list
+            from entrypoint.sources.hub import HubError, HubRepo
+
+            try:
+                HubRepo.parse(folder)
+            except HubError as exc:
+                fail(str(exc))
+                return
             listed = Path(downloads) / "adapters.json"
             name = folder.rstrip("/").rsplit("/", 1)[-1]
             listed.write_text(json.dumps({"adapters": [{"name": name, "uri": folder}]}))

@@ -51,8 +51,10 @@ def base_env(tiny_model, tmp_path) -> dict[str, str]:
 )
 def test_bad_configuration_fails_fast_with_one_line(base_env, env, message):
     result, took = run({**base_env, **env})
-    assert result.returncode == 2
-    assert took < 10
+    assert result.returncode == 2, result.stderr
+    # before any backend could start (a start takes a minute here); a 10 s bound failed once
+    # with the unit tests in two processes beside a running vLLM
+    assert took < 30, took
     assert result.stderr.strip().startswith(message)
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr + result.stdout
@@ -218,3 +220,7 @@ def test_check_adapters_reads_an_hf_uri(library, hub_server):
     missing = subprocess.run([str(BIN), "check-adapters", "hf://acme/missing"],
                              capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 1 and "hf://acme/missing was not found" in missing.stdout
+    bad = subprocess.run([str(BIN), "check-adapters", "hf://acme"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert bad.returncode != 0 and "does not name a repository" in bad.stderr
+

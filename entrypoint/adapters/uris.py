@@ -10,9 +10,12 @@ segments begin with those of a listed prefix (`s3://b/lo` allows `s3://b/lo/x`, 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Sequence
+
+from entrypoint.sources.s3_client import INSTALL
 
 REMOTE = ("s3://", "hf://")
 SEPARATOR = re.compile(r",|:(?!//)")
@@ -74,7 +77,11 @@ def allowed_problem(value: str | None) -> str | None:
     for entry in split_allowed(value):
         where = f"{VARIABLE}={value}: {entry[:200]!r}"
         if is_remote(entry):
-            if (problem := entry_problem(entry)) is None:
+            problem = entry_problem(entry)
+            if problem is None and entry.startswith("s3://") and \
+                    importlib.util.find_spec("boto3") is None:
+                problem = f"needs the S3 client (boto3), which is not installed; {INSTALL}"
+            if problem is None:
                 continue
         elif not os.path.isabs(entry):
             problem = "is not an absolute path, an s3:// or an hf:// prefix"

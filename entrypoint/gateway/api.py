@@ -32,7 +32,7 @@ from entrypoint.sources.remote import FILE_SCHEME, parse_uri
 log = logging.getLogger(__name__)
 
 WAITING = (Kind.DOWNLOADING, Kind.UPLOADING)  # a URI's adapter on its way
-DOWNLOAD_POLL_SECS = 0.1
+DOWNLOAD_WAIT_SECS = 1.0  # the longest wait between passes while a URI's adapter comes
 
 
 def shown(where: Location) -> str:
@@ -215,18 +215,25 @@ class AdapterAPI:
         previous = intent.loaded.get(name)
         if (unsaved := self._keep(loaded={name: where})) is not None:
             return unsaved
-        await self._converge(name)
+        try:
+            await self._converge(name)
+        except Exception:
+            await self._revert(name, previous)  # (a pass that failed: nothing is left behind)
+            raise
         record = self.registry.get(name)
         if record is not None and record.servable and record.loaded_version == record.version \
                 and intent.loaded.get(name) == where and describes(record, where):
             log.info("adapter %s: loaded through the API from %s", name, shown(where))
             return Answer(True, 200, f"Success: LoRA adapter '{name}' added successfully.")
-        if record is not None and record.state is State.LOADING:
+        last = self.reconciler.api.last(name)
+        if (record is not None and record.state is State.LOADING) or (
+                last is not None and last.kind in WAITING):  # (the timeout came first)
             return Answer.error(503, f"Adapter '{name}' is still loading; GET /v1/adapters/{name} "
                                 "shows when it is ready.")
         reason = record.reason if record is not None and record.reason else "not loaded"
         await self._revert(name, previous)  # the call failed: it leaves nothing behind
-        transient = record is None or record.state is State.PENDING
+        transient = record is None or record.state is State.PENDING or (
+            last is not None and last.pending)  # (a new download failed; the old one serves)
         return Answer.error(503 if transient else 400,
                             f"Adapter '{name}' was not loaded: {reason}.")
 
@@ -267,7 +274,10 @@ class AdapterAPI:
             folder = self.reconciler.api.last(name)
             if folder is None or folder.kind not in WAITING or loop.time() >= deadline:
                 return
-            await asyncio.sleep(DOWNLOAD_POLL_SECS)
+            # the next pass when a download ends (an S3 upload settling ends no download:
+            # looked at again each second), not a pass every poll: a pass asks the Hub for
+            # every followed entry (found in review)
+            await self.reconciler.fetched(min(DOWNLOAD_WAIT_SECS, deadline - loop.time()))
 
     def _full(self, name: str) -> Answer | None:
         """The refusal of a new name once NIM_PEFT_API_MAX_ADAPTERS are loaded through the API.

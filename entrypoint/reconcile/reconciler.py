@@ -10,6 +10,7 @@ list): only `AdapterSource`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from entrypoint.snapshots import SnapshotStore
 from entrypoint.sources.api import ApiAdapters, ApiRemote
 from entrypoint.sources.base import AdapterSource
 from entrypoint.sources.folder import FolderSource
-from entrypoint.sources.intent import Intent
+from entrypoint.sources.intent import Intent, Location
 from entrypoint.sources.remote import RemoteAdapters
 
 log = logging.getLogger("entrypoint.reconcile")
@@ -93,6 +94,7 @@ class Reconciler:
         self._slots = asyncio.Semaphore(parallel)
         self._work: dict[str, _Job] = {}  # at most one per name
         self._pass = asyncio.Lock()
+        self._fetched = asyncio.Event()  # a download ended since the last `fetched`
         self._source_problem: str | None = None  # NIM_PEFT_SOURCE missing or unreadable
         self.passes = 0
         self.last_scan_secs = 0.0
@@ -137,7 +139,8 @@ class Reconciler:
         async with self._pass:
             self._listen_for_changes()
             started = self.clock.now()
-            folders, api_folders = await asyncio.to_thread(self._scan)
+            loaded = dict(self.intent.loaded)  # (copied here: API calls change it meanwhile)
+            folders, api_folders = await asyncio.to_thread(self._scan, loaded)
             self.last_scan_secs = self.clock.now() - started
             if self.metrics is not None:
                 self.metrics.scan_seconds.observe(self.last_scan_secs)
@@ -181,6 +184,16 @@ class Reconciler:
                 return
             await asyncio.wait({job.task}, timeout=remaining)
 
+    def _fetch_done(self) -> None:
+        self._fetched.set()
+        self.wake()
+
+    async def fetched(self, timeout: float) -> None:
+        """Wait (up to `timeout`) until a download of some source or of the API ends."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._fetched.wait(), timeout=timeout)
+        self._fetched.clear()
+
     def wake(self) -> None:
         """Ask for a pass soon (the watcher runs it)."""
         self._wake()
@@ -192,15 +205,16 @@ class Reconciler:
         loop = asyncio.get_running_loop()
 
         def changed() -> None:
-            loop.call_soon_threadsafe(self.wake)
+            loop.call_soon_threadsafe(self._fetch_done)
 
         self.scanner.on_change = changed
         if self.api.remote is not None:
             self.api.remote.on_change = changed
 
-    def _scan(self) -> tuple[list[AdapterFolder], list[AdapterFolder]]:
-        """The source's adapters, and the API's."""
-        return self.scanner.scan(), self.api.scan()
+    def _scan(self, loaded: dict[str, Location]
+              ) -> tuple[list[AdapterFolder], list[AdapterFolder]]:
+        """The source's adapters, and the API's (`loaded`: the API's loads at this pass)."""
+        return self.scanner.scan(), self.api.scan(loaded)
 
     def _roots(self, folder: AdapterFolder) -> tuple[Path, ...]:
         """The folders a snapshot of `folder` may read."""

@@ -20,7 +20,7 @@ from entrypoint.adapters.folder import AdapterFolder, Origin, inspect_folder
 from entrypoint.adapters.names import outside_roots
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.adapters.uris import VARIABLE, uri_problem
-from entrypoint.sources.intent import Intent
+from entrypoint.sources.intent import Intent, Location
 from entrypoint.sources.remote import RemoteAdapters, parse_uri
 
 log = logging.getLogger("entrypoint.reconcile")
@@ -54,15 +54,17 @@ class ApiAdapters:
             return self.roots
         return (*self.roots, Path(os.path.realpath(self.remote.downloads)))
 
-    def scan(self) -> list[AdapterFolder]:
-        """The folders of the adapters loaded through the API (file work: run in a thread)."""
+    def scan(self, loaded: dict[str, Location] | None = None) -> list[AdapterFolder]:
+        """The folders of the adapters loaded through the API (`loaded`: a copy of the intent's
+        loads, taken on the event loop; file work: run in a thread)."""
+        items = sorted((self.intent.loaded if loaded is None else loaded).items())
         known: dict[str, AdapterFolder] = {}
-        for name, where in sorted(self.intent.loaded.items()):
+        for name, where in items:
             known[name] = self._inspect(name, where) if isinstance(where, Path) else \
                 self._fetched(name, where)
         self._known = known
         if self.remote is not None:
-            self.remote.keep({n for n, w in self.intent.loaded.items() if isinstance(w, str)})
+            self.remote.keep({name for name, where in items if isinstance(where, str)})
         return list(known.values())
 
     def last(self, name: str) -> AdapterFolder | None:

@@ -15,6 +15,8 @@ import concurrent.futures
 import logging
 import re
 import shutil
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -112,6 +114,8 @@ class HubDownloads:
         self._records: dict[str, _Fetch] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(DOWNLOADERS,
                                                            thread_name_prefix="hf-download")
+        self._partials: set[str] = set()  # the folders fetches are writing now
+        self._lock = threading.Lock()
         self.revision_calls = 0
         self.on_done: Callable[[], None] | None = None
 
@@ -165,8 +169,8 @@ class HubDownloads:
         download under way is kept (deleting it mid-way failed it: found by the API's tests,
         whose passes come every 0.1 s while a load waits)."""
         keep = {f"{name}-{r.commit}" for name, r in self._records.items() if r.commit}
-        keep |= {f".tmp-{name}-{r.commit}" for name, r in self._records.items()
-                 if r.future is not None}
+        with self._lock:  # (also those of fetches whose record was forgotten)
+            keep |= self._partials
         for entry in self.folder.glob("*") if self.folder.is_dir() else ():
             if entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -195,13 +199,22 @@ class HubDownloads:
 
         target = self.folder / f"{name}-{commit}"
         if not (target / CONFIG_FILE).is_file():
-            partial = self.folder / f".tmp-{name}-{commit}"
-            shutil.rmtree(partial, ignore_errors=True)
-            snapshot_download(repo.repo, revision=commit, local_dir=partial,
-                              allow_patterns=[CONFIG_FILE, *WEIGHT_FILES])
-            shutil.rmtree(partial / ".cache", ignore_errors=True)  # (the client's bookkeeping)
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)
+            # a folder of its own: two fetches of one commit (a retry while an abandoned one
+            # still runs) never write into each other's
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.folder))
+            with self._lock:
+                self._partials.add(partial.name)
+            try:
+                snapshot_download(repo.repo, revision=commit, local_dir=partial,
+                                  allow_patterns=[CONFIG_FILE, *WEIGHT_FILES])
+                shutil.rmtree(partial / ".cache", ignore_errors=True)  # (the client's own)
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)
+            finally:
+                with self._lock:
+                    self._partials.discard(partial.name)
+                shutil.rmtree(partial, ignore_errors=True)
         folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
                                 name=name, complete=True)
         return replace(folder, fingerprint=commit, local_fingerprint=folder.fingerprint,

@@ -88,11 +88,18 @@ class RemoteAdapters:
             store.on_change = callback
 
     def folder(self, entry: Entry) -> AdapterFolder:
-        """The adapter of `entry` as this pass sees it."""
-        if entry.hub is not None:
-            return self.hub.folder_of(entry.name, entry.hub)
-        if entry.s3 is not None:
-            return self._from_store(entry)
+        """The adapter of `entry` as this pass sees it; a fetch that cannot even start (no S3
+        client installed, a profile that does not exist) is a reason on it, never an error
+        out of the pass."""
+        try:
+            if entry.hub is not None:
+                return self.hub.folder_of(entry.name, entry.hub)
+            if entry.s3 is not None:
+                return self._from_store(entry)
+        except Exception as exc:  # noqa: BLE001 - one adapter's failure is its own reason
+            return AdapterFolder(name=entry.name, path=self.downloads / entry.name,
+                                 fingerprint=f"uri:{entry.uri}", url=entry.uri,
+                                 problem=f"{entry.uri} cannot be fetched: {exc}")
         assert entry.folder is not None
         return inspect_folder(entry.folder, limit=self.limit, served_name=self.served_name,
                               name=entry.name)
@@ -102,7 +109,10 @@ class RemoteAdapters:
         self.hub.forget(self.hub.names() - names)
         for name in set(self._stores) - names:
             self._stores.pop(name).close()
-            shutil.rmtree(self.downloads / "s3" / name, ignore_errors=True)
+        stores = self.downloads / "s3"
+        for folder in stores.iterdir() if stores.is_dir() else ():
+            if folder.name not in self._stores:  # (also one a closing store finished late)
+                shutil.rmtree(folder, ignore_errors=True)
         self.hub.collect()
 
     def wait(self) -> bool:
