@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from entrypoint.adapters.files import Kind
 from entrypoint.adapters.folder import AdapterFolder, inspect_folder
 from entrypoint.adapters.names import display_name
 from entrypoint.adapters.rank import RankLimit
@@ -98,7 +99,8 @@ class RemoteAdapters:
                 return self._from_store(entry)
         except Exception as exc:  # noqa: BLE001 - one adapter's failure is its own reason
             return AdapterFolder(name=entry.name, path=self.downloads / entry.name,
-                                 fingerprint=f"uri:{entry.uri}", url=entry.uri,
+                                 fingerprint=f"uri:{entry.uri}", url=entry.uri, pending=True,
+                                 kind=Kind.DOWNLOAD_FAILED,  # (tried again every pass)
                                  problem=f"{entry.uri} cannot be fetched: {exc}")
         assert entry.folder is not None
         return inspect_folder(entry.folder, limit=self.limit, served_name=self.served_name,

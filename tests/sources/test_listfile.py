@@ -201,3 +201,21 @@ def test_a_changed_revision_is_a_new_version_of_the_entry(hub, tmp_path, library
     assert after.valid and after.fingerprint == second  # a new version: the reconciler swaps
     assert (after.path / WEIGHTS).read_bytes() == (library / "beta" / WEIGHTS).read_bytes()
     source.close()
+
+
+def test_a_fetch_that_cannot_start_is_a_reason_on_its_entry_only(tmp_path, library, listed):
+    """No S3 client, or a profile that does not exist: the entry says so and the pass goes on
+    (it raised out of the pass and, every pass failing, stopped the service: found in review)."""
+    copy_adapter(library / "alpha", tmp_path / "a1")
+    write(listed, {"name": "store", "uri": "s3://bucket/loras/x"},
+          {"name": "local", "uri": str(tmp_path / "a1")})
+
+    def no_client(url, downloads):
+        raise RuntimeError("the S3 client (boto3) is not installed")
+
+    source = ListSource(listed, downloads=tmp_path / "dl", s3_source=no_client)
+    found = by_name(source.scan())
+    assert found["local"].valid
+    assert found["store"].pending and found["store"].kind is Kind.DOWNLOAD_FAILED
+    assert "s3://bucket/loras/x/ cannot be fetched: the S3 client (boto3)" in \
+        found["store"].problem
