@@ -33,3 +33,17 @@ def make_synthetic_adapters(root: Path, count: int, *, prefix: str = "a") -> lis
         (folder / "adapter_model.safetensors").write_bytes(weights)
         folders.append(folder)
     return folders
+
+
+def machine() -> dict:
+    """What a result was measured on."""
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+
+
+def save_result(result: dict, out: Path) -> None:
+    """Write `result` to `out` as JSON and print it."""
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+

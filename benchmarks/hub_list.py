@@ -14,15 +14,13 @@ Run: `.venv/bin/python -m benchmarks.hub_list [--entries 100] [--passes 15]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.fixtures import make_synthetic_adapters
+from benchmarks.fixtures import machine, make_synthetic_adapters, save_result
 from tests.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +65,7 @@ def run(entries: int, passes: int) -> dict:
         finally:
             hub.stop()
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "hub": "olah (a Hugging Face Hub mirror) on loopback, offline, git repositories",
         "entries": entries, "passes": passes,
         "first_pass_secs": round(first_secs, 2),
@@ -88,8 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/hub_list.json")
     args = parser.parse_args()
     result = run(args.entries, args.passes)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

