@@ -78,7 +78,11 @@ class Clients:
 def test_swaps_and_removal_under_traffic_keep_the_engine_alive(server, source, library):
     weights = {name: (library / name / "adapter_model.safetensors").read_bytes()
                for name in ("alpha", "gamma")}
-    with Clients(server, ["busy-x", "busy-y", "tiny"]) as clients:
+    # One client per model: with one adapter slot, vLLM's scheduler skips a waiting request
+    # for another adapter while the slot's adapter has one running, so two busy-y clients
+    # streaming in turn kept busy-x waiting for minutes once a swap's drain had given busy-y
+    # the slot (seen once in a full run); one client leaves a gap after each stream.
+    with Clients(server, ["busy-x", "busy-y", "tiny"], per_model=1) as clients:
         server.wait_for(lambda: server.metric("vllm:num_requests_running") >= 1, timeout=30,
                         what="streams in flight")
         for i in range(4):  # swap busy-x's weights back and forth while it streams
