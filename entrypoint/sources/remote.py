@@ -23,7 +23,6 @@ from entrypoint.sources.s3_client import SCHEME as S3_SCHEME
 from entrypoint.sources.s3_client import S3Url
 
 FILE_SCHEME = "file://"
-REMOTE_SCHEMES = (S3_SCHEME, HF_SCHEME)
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,6 @@ class Entry:
         if self.hub is not None:
             return self.hub.uri
         return str(self.s3) if self.s3 is not None else str(self.folder)
-
-
-def is_remote(uri: str) -> bool:
-    return uri.startswith(REMOTE_SCHEMES)
 
 
 def parse_uri(name: str, uri: str, revision: str | None = None) -> Entry:
