@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from entrypoint.adapters.uris import allowed_problem, is_remote, split_allowed
+from entrypoint.sources.listfile import is_list_file
 from entrypoint.sources.s3_client import INSTALL, SCHEME, S3Url
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -430,7 +431,7 @@ def _splittable(value: str | None) -> str | None:
 def source_is_list(settings: Settings) -> bool:
     """NIM_PEFT_SOURCE names a list of adapters (a .yaml, .yml or .json file)."""
     source = settings.peft_source
-    return isinstance(source, Path) and source.suffix.lower() in (".yaml", ".yml", ".json")
+    return isinstance(source, Path) and is_list_file(source)
 
 
 def source_folder(settings: Settings) -> Path | None:
