@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from entrypoint.backends import vllm_plugin
 
@@ -48,6 +47,8 @@ def lora_ops():
 
 
 def test_tokens_without_an_adapter_get_nothing_from_the_last_slot(lora_ops):
+    import torch  # here: collecting the unit tests should not import torch in every process
+
     torch.manual_seed(0)
     slots, rank, width = 3, 4, 8
     lora_a = torch.randn(slots, 1, rank, width)

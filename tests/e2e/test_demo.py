@@ -11,7 +11,7 @@ import pytest
 
 from lora_demo import DEMO_ADAPTERS, DEMO_BASE_ANSWER
 from tests.conftest import ASSETS
-from tests.e2e.server import BIN, Server, wait_until
+from tests.e2e.server import BIN, CPU_PROCESSES, Server, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ def answer(command: str) -> str:
 
 def test_the_demos_own_commands_show_each_answer_change(tmp_path):
     log = tmp_path / "demo.log"
-    server = Server({"NIM_CACHE_PATH": str(ASSETS / "demo-cache")}, log,
+    server = Server({"NIM_CACHE_PATH": str(ASSETS / "demo-cache"), **CPU_PROCESSES}, log,
                     command=[str(BIN), "demo"])
     server.start()
     try:

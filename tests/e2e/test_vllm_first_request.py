@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.e2e.server import make_source, tiny_env
+from tests.e2e.server import CPU_PROCESSES, make_source, tiny_env
 
 pytestmark = pytest.mark.e2e
 SHORT = "Hi"  # two tokens for the tiny model's tokenizer
@@ -24,6 +24,7 @@ def test_first_request_is_a_two_token_prompt(serve_factory, tiny_model, library,
                                              first):
     source = make_source(tmp_path, library, {"first-a": "alpha"})
     extra = {"NIM_PEFT_REFRESH_INTERVAL": "60"} if mode == "dynamic" else {}
+    extra |= CPU_PROCESSES  # the worker in its own process, as a CPU user runs it
     server = serve_factory(tiny_env(tiny_model, source, **extra),
                            name=f"first-{mode}-{first}").wait_ready()
     model = "tiny" if first == "base" else "first-a"

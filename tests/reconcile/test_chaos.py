@@ -60,7 +60,7 @@ class ChaosBackend(VLLMBackend):
             self.faults[kind] += 1
             if kind == "late load" and late is not None:  # timed out here, done there later
                 self.late += 1
-                asyncio.get_running_loop().call_later(self.rng.random() * 0.03, self._arrive,
+                asyncio.get_running_loop().call_later(self.rng.random() * 0.01, self._arrive,
                                                       *late)
             return Reply(Outcome.TRANSIENT, kind, unanswered=kind in ("ReadTimeout", "late load"))
         return None
@@ -228,7 +228,7 @@ class Chaos:
             await self.reconciler.sync()
             busy = bool(self.reconciler._work)
             await self.reconciler.wait_idle()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.001)
             # Settled: three passes in a row started no work, no retry is due or pending and
             # no late load is still on its way (each could change what is served).
             quiet = not busy and not self.backend.late and not any(
@@ -287,8 +287,8 @@ class Chaos:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_chaos_with_a_fake_backend(library, tmp_path, monkeypatch, seed):
     monkeypatch.setattr(actions_module, "SETTLE_SECS", 0.001)
-    monkeypatch.setattr(calls_module, "LATE_SWAP_WATCH_SECS", 0.1)  # late loads: <= 0.03 s
-    monkeypatch.setattr(calls_module, "LATE_SWAP_POLL_SECS", 0.005)
+    monkeypatch.setattr(calls_module, "LATE_SWAP_WATCH_SECS", 0.04)  # late loads: <= 0.01 s
+    monkeypatch.setattr(calls_module, "LATE_SWAP_POLL_SECS", 0.002)
     chaos = Chaos(seed, tmp_path, library)
 
     async def run() -> None:
