@@ -8,13 +8,14 @@ here: no backend calls, no registry.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from entrypoint.adapters.files import CONFIG_FILE, WEIGHT_FILES, open_regular
@@ -26,6 +27,34 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 SNAPSHOT_FILES = (CONFIG_FILE, *WEIGHT_FILES, "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "tokenizer.model", "added_tokens.json")
+
+
+#: ioctl(2) FICLONE: make `dst` share `src`'s blocks, copy-on-write (XFS, btrfs, bcachefs)
+FICLONE = 0x40049409
+
+
+def _clone(src: int, dst: int) -> bool:
+    """Make the empty file `dst` a copy-on-write clone of `src`; False where the filesystem
+    cannot (ext4, tmpfs, two filesystems): then the caller copies."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+    except OSError:
+        return False
+    return True
+
+
+def _link(src: int, source: Path, target: Path) -> bool:
+    """Hard-link `source` at `target` if it still is the file open as `src` (the one checked);
+    False where that cannot be done (another filesystem) or its name leads elsewhere now."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        return False
+    opened, linked = os.fstat(src), os.stat(target, follow_symlinks=False)
+    if (linked.st_dev, linked.st_ino) != (opened.st_dev, opened.st_ino):
+        target.unlink()
+        return False
+    return True
 
 
 class SnapshotChanged(Exception):
@@ -65,6 +94,7 @@ class SnapshotStore:
         self._kept: dict[Path, float] = {}  # held (a load of it timed out), or taken again
         # while retired: the time before which it may not be deleted
         self._content: dict[str, set[Path]] = {}  # content hash -> the snapshots holding it
+        self.copied_bytes = 0  # bytes written by copying (not linked, not cloned)
 
     def _cache_error(self, exc: OSError) -> SnapshotFailed:
         return SnapshotFailed(
@@ -91,7 +121,8 @@ class SnapshotStore:
         digest = hashlib.blake2b(digest_size=16)
         try:
             for name in SNAPSHOT_FILES:
-                self._copy(folder.path / name, tmp / name, digest, roots)
+                self._copy(folder.path / name, tmp / name, digest, roots,
+                           link=folder.private)
             copy = inspect_folder(tmp, name="snapshot")
             now = inspect_folder(folder.path).fingerprint
             if now != folder.files_fingerprint:
@@ -144,8 +175,11 @@ class SnapshotStore:
                 del self._content[path.name.rsplit("-", 1)[-1]]
 
     def _copy(self, source: Path, target: Path, digest: hashlib.blake2b,
-              roots: Sequence[Path]) -> None:
-        """Copy one file (if it is there) and feed its name and bytes to `digest`."""
+              roots: Sequence[Path], *, link: bool) -> None:
+        """Put one file (if it is there) into the snapshot and feed its name and bytes to
+        `digest`: a hard link to the very file opened when `link` (a download of ours, never
+        changed in place), else a copy-on-write clone where the filesystem makes one (XFS,
+        btrfs), else a copy. Either way the source's bytes are read once (to hash them)."""
         try:
             src = open_regular(source)
         except FileNotFoundError:
@@ -158,26 +192,18 @@ class SnapshotStore:
                     f"{source.name} leads outside the folders adapters "
                     "may be loaded from; copy the file itself into the adapter's folder")
             digest.update(source.name.encode() + b"\0")
+            if link and _link(src, source, target):
+                self._hash(src, source, digest)
+                return
             try:
                 dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except OSError as exc:
                 raise self._cache_error(exc) from None
             try:
-                while True:
-                    try:
-                        chunk = os.read(src, CHUNK)
-                    except OSError as exc:
-                        raise SnapshotChanged(f"{source.name} cannot be read ({exc.strerror})"
-                                              ) from None
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    try:
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(dst, view):]
-                    except OSError as exc:
-                        raise self._cache_error(exc) from None
+                if _clone(src, dst):
+                    self._hash(src, source, digest)
+                else:
+                    self._write(src, dst, source, digest)
                 # No fsync: a snapshot only has to be visible to the backend (the page cache is
                 # shared), and after a crash the folder is emptied at start. It cost ~10 ms a
                 # file, most of serve's start with 100 adapters (benchmarks/gateway.py --start).
@@ -185,6 +211,33 @@ class SnapshotStore:
                 os.close(dst)
         finally:
             os.close(src)
+
+    @staticmethod
+    def _chunks(src: int, source: Path) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = os.read(src, CHUNK)
+            except OSError as exc:
+                raise SnapshotChanged(f"{source.name} cannot be read ({exc.strerror})"
+                                      ) from None
+            if not chunk:
+                return
+            yield chunk
+
+    def _hash(self, src: int, source: Path, digest: hashlib.blake2b) -> None:
+        for chunk in self._chunks(src, source):
+            digest.update(chunk)
+
+    def _write(self, src: int, dst: int, source: Path, digest: hashlib.blake2b) -> None:
+        self.copied_bytes += os.fstat(src).st_size
+        for chunk in self._chunks(src, source):
+            digest.update(chunk)
+            try:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(dst, view):]
+            except OSError as exc:
+                raise self._cache_error(exc) from None
 
     def retire(self, path: Path) -> None:
         """`path` is served no more: delete it once the grace period has passed unused.

@@ -68,6 +68,9 @@ class AdapterFolder:
     #: the fingerprint of the files at `path` when `fingerprint` names another thing (an s3://
     #: adapter's is its objects' keys, sizes and ETags; its download is checked by this one)
     local_fingerprint: str = ""
+    #: its files are ours (a download): written once into a new folder and never changed in
+    #: place, so a snapshot may hard-link them instead of copying (no second copy on disk)
+    private: bool = False
 
     @property
     def location(self) -> str | Path:

@@ -218,7 +218,7 @@ class HubDownloads:
         folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
                                 name=name, complete=True)
         return replace(folder, fingerprint=commit, local_fingerprint=folder.fingerprint,
-                       url=f"{repo.uri}@{commit[:12]}")
+                       url=f"{repo.uri}@{commit[:12]}", private=True)
 
     def _done(self, future: concurrent.futures.Future[AdapterFolder]) -> None:
         if self.on_done is not None and not future.cancelled():

@@ -187,7 +187,7 @@ class Downloads:
         folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
                                 name=name, complete=True)
         return replace(folder, fingerprint=listed.fingerprint,
-                       local_fingerprint=folder.fingerprint, url=base.url)
+                       local_fingerprint=folder.fingerprint, url=base.url, private=True)
 
     def _failed(self, base: AdapterFolder, record: _Download, exc: Exception) -> str:
         """Note a failed try on `record` (logged once per problem); the reason to show."""

@@ -426,3 +426,20 @@ def test_a_static_server_does_not_start_without_an_adapter_it_cannot_download(
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "adapter alpha could not be downloaded" in lines[0], lines
     assert "s3:GetObject" in lines[0] and time.monotonic() - started < 60
+
+
+def test_a_download_and_its_snapshot_are_one_copy_on_disk(s3_store, bucket, tmp_path):
+    """An s3:// adapter's bytes land once under NIM_CACHE_PATH: the snapshot the backend loads
+    links the download's files (20 MiB adapter: 1.0x its bytes, not 2.0x)."""
+    from entrypoint.snapshots import SnapshotStore
+    from tests.test_snapshots import sized_adapter
+
+    upload(s3_store.client(), bucket, "wide", sized_adapter(tmp_path / "made" / "wide"))
+    adapter = sum(f.stat().st_size for f in (tmp_path / "made" / "wide").iterdir())
+    scan = scanner(s3_store, bucket, tmp_path)
+    (found,) = scan.scan_at_start()
+    assert found.valid and found.private
+    SnapshotStore(tmp_path / "snapshots").take(found)
+    inodes = {(f.stat().st_ino): f.stat().st_size for part in ("downloads", "snapshots")
+              for f in (tmp_path / part).rglob("*") if f.is_file()}
+    assert sum(inodes.values()) == adapter
