@@ -168,6 +168,17 @@ def config_problem(config: dict, *, limit: RankLimit | None) -> str | None:
 
 
 
+def config_refuses(path: Path, *, limit: RankLimit | None) -> bool:
+    """Whether the config file at `path` alone rules its adapter out (missing, not a JSON
+    object, or a problem `config_problem` names): a fetch then stops before the weights, and
+    `inspect_folder` of the folder says why."""
+    try:
+        config = json.loads(read_regular(str(path), MAX_CONFIG_BYTES + 1))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return True
+    return not isinstance(config, dict) or config_problem(config, limit=limit) is not None
+
+
 def inspect_folder(
     path: Path,
     *,

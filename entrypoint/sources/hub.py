@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.adapters.files import CONFIG_FILE, WEIGHT_FILES, Kind
-from entrypoint.adapters.folder import AdapterFolder, inspect_folder
+from entrypoint.adapters.folder import AdapterFolder, config_refuses, inspect_folder
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backoff import STORE_CALLS, Backoff
 from entrypoint.clock import REAL, Clock
@@ -207,7 +207,12 @@ class HubDownloads:
                 self._partials.add(partial.name)
             try:
                 snapshot_download(repo.repo, revision=commit, local_dir=partial,
-                                  allow_patterns=[CONFIG_FILE, *WEIGHT_FILES])
+                                  allow_patterns=[CONFIG_FILE])
+                # The config first: one that rules the adapter out costs no weights download
+                # (the folder keeps the config alone, and its reason shows).
+                if not config_refuses(partial / CONFIG_FILE, limit=self.limit):
+                    snapshot_download(repo.repo, revision=commit, local_dir=partial,
+                                      allow_patterns=list(WEIGHT_FILES))
                 shutil.rmtree(partial / ".cache", ignore_errors=True)  # (the client's own)
                 shutil.rmtree(target, ignore_errors=True)
                 partial.rename(target)

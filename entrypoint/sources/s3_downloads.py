@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.adapters.files import CONFIG_FILE, WEIGHT_FILES, Kind
-from entrypoint.adapters.folder import AdapterFolder, inspect_folder
+from entrypoint.adapters.folder import AdapterFolder, config_refuses, inspect_folder
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backoff import STORE_CALLS, Backoff
 from entrypoint.clock import REAL, Clock
@@ -208,8 +208,10 @@ class Downloads:
         temporary.mkdir()
         try:
             weights = next(w for w in WEIGHT_FILES if w in listed.objects)
-            for key in (CONFIG_FILE, weights):
-                self._get(name, key, listed, temporary / key, record)
+            self._get(name, CONFIG_FILE, listed, temporary / CONFIG_FILE, record)
+            if not config_refuses(temporary / CONFIG_FILE, limit=self.limit):
+                self._get(name, weights, listed, temporary / weights, record)
+            # (else the config alone is kept: its reason shows, its weights are never fetched)
             try:
                 temporary.rename(target)
             except OSError:

@@ -219,3 +219,17 @@ def test_a_fetch_that_cannot_start_is_a_reason_on_its_entry_only(tmp_path, libra
     assert found["store"].pending and found["store"].kind is Kind.DOWNLOAD_FAILED
     assert "s3://bucket/loras/x/ cannot be fetched: the S3 client (boto3)" in \
         found["store"].problem
+
+
+def test_a_hub_config_that_rules_an_adapter_out_costs_no_weights_download(
+        hub, tmp_path, library, listed):
+    from tests.conftest import edit_config
+
+    dora = copy_adapter(library / "beta", tmp_path / "made" / "dora")
+    edit_config(dora, use_dora=True)
+    hub.commit("acme/dora", dora)
+    write(listed, {"name": "dora", "uri": "hf://acme/dora"})
+    source = ListSource(listed, downloads=tmp_path / "dl", limit=RankLimit(16))
+    found = by_name(source.scan_at_start())["dora"]
+    assert not found.valid and found.problem.startswith("DoRA"), found.problem
+    assert not list((tmp_path / "dl").rglob(WEIGHTS))  # the weights were never downloaded

@@ -443,3 +443,20 @@ def test_a_download_and_its_snapshot_are_one_copy_on_disk(s3_store, bucket, tmp_
     inodes = {(f.stat().st_ino): f.stat().st_size for part in ("downloads", "snapshots")
               for f in (tmp_path / part).rglob("*") if f.is_file()}
     assert sum(inodes.values()) == adapter
+
+
+def test_a_config_that_rules_an_adapter_out_costs_no_weights_download(
+        s3_store, bucket, library, tmp_path):
+    from tests.conftest import copy_adapter, edit_config
+
+    dora = copy_adapter(library / "beta", tmp_path / "made" / "dora")
+    edit_config(dora, use_dora=True)
+    upload(s3_store.client(), bucket, "dora", dora)
+    scan = scanner(s3_store, bucket, tmp_path)
+    gets = []
+    real = scan.client.get_object
+    scan.client.get_object = lambda **kw: gets.append(kw["Key"]) or real(**kw)
+    (found,) = scan.scan_at_start()
+    assert not found.valid and found.problem.startswith("DoRA"), found.problem
+    assert gets == [f"loras/dora/{CONFIG_FILE}"]  # the weights were never asked for
+    assert by_name(scan.scan())["dora"].problem == found.problem and len(gets) == 1
