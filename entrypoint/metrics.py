@@ -11,9 +11,10 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from entrypoint.fetches import FETCHES, FetchLog
 from entrypoint.reconcile.registry import Registry, State, Traffic
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -64,13 +65,39 @@ class LoraRequestsInfo(Collector):
         yield family
 
 
+class _Fetches(Collector):
+    """The downloads of adapter files (`s3://`, `hf://`): ended, their bytes and time, and
+    those under way, read from the fetch log at scrape time."""
+
+    def __init__(self, fetches: FetchLog) -> None:
+        self.fetches = fetches
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
+        totals = self.fetches.totals()
+        ended = CounterMetricFamily("lora_adapter_fetches", "Adapter downloads that ended, by "
+                                    "result (ok: every file there; failed: retried later).",
+                                    labels=["result"])
+        ended.add_metric(["ok"], totals.succeeded)
+        ended.add_metric(["failed"], totals.failed)
+        yield ended
+        yield CounterMetricFamily("lora_adapter_fetch_bytes",
+                                  "Bytes of adapter files downloaded.", value=totals.bytes)
+        yield SummaryMetricFamily("lora_adapter_fetch_seconds",
+                                  "Time each adapter download took.",
+                                  count_value=totals.succeeded + totals.failed,
+                                  sum_value=totals.seconds)
+        yield GaugeMetricFamily("lora_adapter_fetches_running", "Adapter downloads under way.",
+                                value=totals.running)
+
+
 class Metrics:
     """The entrypoint's own metrics (`lora_*`)."""
 
-    def __init__(self, registry: Registry, *, lora_info: LoraRequestsInfo | None = None
-                 ) -> None:
+    def __init__(self, registry: Registry, *, lora_info: LoraRequestsInfo | None = None,
+                 fetches: FetchLog = FETCHES) -> None:
         self.collectors = CollectorRegistry(auto_describe=True)
         self.collectors.register(_AdapterStates(registry))
+        self.collectors.register(_Fetches(fetches))
         if lora_info is not None:
             self.collectors.register(lora_info)
         r = self.collectors

@@ -31,8 +31,9 @@ from entrypoint.gateway.upstream import UpstreamError
 from entrypoint.reconcile.registry import AdapterRecord
 
 
-def describe(record: AdapterRecord) -> dict:
-    """An adapter as `/v1/adapters` shows it."""
+def describe(record: AdapterRecord, fetch: tuple[int, int] | None = None) -> dict:
+    """An adapter as `/v1/adapters` shows it (`fetch`: the bytes done and in all of its
+    download under way)."""
     return {
         "name": record.name,
         "origin": record.origin.value,
@@ -45,6 +46,8 @@ def describe(record: AdapterRecord) -> dict:
         "served_version": record.loaded_version or None,
         "source": record.url or (display_name(str(record.source)) if record.source else None),
         "since": datetime.fromtimestamp(record.since, UTC).isoformat(timespec="seconds"),
+        "fetch": None if fetch is None else {"done_bytes": fetch[0],
+                                             "total_bytes": fetch[1] or None},
     }
 
 
@@ -130,8 +133,9 @@ class Gateway:
         return JSONResponse({"object": "list", "data": served})
 
     async def adapters(self, request: Request) -> Response:
-        return JSONResponse({"object": "list",
-                             "data": [describe(r) for r in self.state.registry.records()]})
+        progress = self.state.fetches.progress
+        return JSONResponse({"object": "list", "data": [
+            describe(r, progress(r.name)) for r in self.state.registry.records()]})
 
     async def adapter(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -139,7 +143,7 @@ class Gateway:
         if record is None:
             return openai_error(404, f"No adapter folder named '{name}' has been seen.",
                                 "NotFoundError", "adapter_not_found")
-        return JSONResponse(describe(record))
+        return JSONResponse(describe(record, self.state.fetches.progress(name)))
 
     async def metrics(self, request: Request) -> Response:
         state = self.state

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from entrypoint.backends import Backend
+from entrypoint.fetches import FETCHES, FetchLog
 from entrypoint.gateway.api import AdapterAPI
 from entrypoint.gateway.bodies import BodyParser
 from entrypoint.gateway.upstream import Upstream
@@ -38,3 +39,5 @@ class GatewayState:
     api: AdapterAPI | None = None
     #: reads request bodies (large ones away from the event loop)
     parser: BodyParser = field(default_factory=BodyParser)
+    #: the downloads of adapter files under way (their progress shows in /v1/adapters)
+    fetches: FetchLog = FETCHES

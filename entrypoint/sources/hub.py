@@ -27,6 +27,7 @@ from entrypoint.adapters.folder import AdapterFolder, config_refuses, inspect_fo
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backoff import STORE_CALLS, Backoff
 from entrypoint.clock import REAL, Clock
+from entrypoint.fetches import FETCHES, FetchLog, bytes_under
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,10 @@ class HubDownloads:
     """The Hub adapters of one source, downloaded under `folder`."""
 
     def __init__(self, folder: Path, *, limit: RankLimit | None, served_name: str | None,
-                 backoff: Backoff = STORE_CALLS, clock: Clock = REAL, api: Any = None) -> None:
+                 backoff: Backoff = STORE_CALLS, clock: Clock = REAL, api: Any = None,
+                 fetches: FetchLog = FETCHES) -> None:
         self.folder, self.limit, self.served_name = folder, limit, served_name
-        self.backoff, self.clock = backoff, clock
+        self.backoff, self.clock, self.fetches = backoff, clock, fetches
         self._api = api
         self._records: dict[str, _Fetch] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(DOWNLOADERS,
@@ -195,35 +197,53 @@ class HubDownloads:
 
     def _fetch(self, name: str, repo: HubRepo, commit: str) -> AdapterFolder:
         """Download the adapter's own files at `commit` (once per commit) and judge them."""
-        from huggingface_hub import snapshot_download
-
         target = self.folder / f"{name}-{commit}"
         if not (target / CONFIG_FILE).is_file():
-            # a folder of its own: two fetches of one commit (a retry while an abandoned one
-            # still runs) never write into each other's
-            self.folder.mkdir(parents=True, exist_ok=True)
-            partial = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.folder))
-            with self._lock:
-                self._partials.add(partial.name)
-            try:
-                snapshot_download(repo.repo, revision=commit, local_dir=partial,
-                                  allow_patterns=[CONFIG_FILE])
-                # The config first: one that rules the adapter out costs no weights download
-                # (the folder keeps the config alone, and its reason shows).
-                if not config_refuses(partial / CONFIG_FILE, limit=self.limit):
-                    snapshot_download(repo.repo, revision=commit, local_dir=partial,
-                                      allow_patterns=list(WEIGHT_FILES))
-                shutil.rmtree(partial / ".cache", ignore_errors=True)  # (the client's own)
-                shutil.rmtree(target, ignore_errors=True)
-                partial.rename(target)
-            finally:
-                with self._lock:
-                    self._partials.discard(partial.name)
-                shutil.rmtree(partial, ignore_errors=True)
+            self._download(name, repo, commit, target)
         folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
                                 name=name, complete=True)
         return replace(folder, fingerprint=commit, local_fingerprint=folder.fingerprint,
                        url=f"{repo.uri}@{commit[:12]}", private=True)
+
+    def _download(self, name: str, repo: HubRepo, commit: str, target: Path) -> None:
+        """The config, then (unless it rules the adapter out: the folder keeps the config
+        alone, and its reason shows) the weights, into a folder of its own (two fetches of one
+        commit, a retry while an abandoned one still runs, never write into each other's),
+        moved to `target` when whole."""
+        from huggingface_hub import snapshot_download
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.folder))
+        with self._lock:
+            self._partials.add(partial.name)
+        fetch = self.fetches.begin(name, f"{repo.uri}@{commit[:12]}", self._size(repo, commit),
+                                   measure=lambda: bytes_under(partial))
+        ok = False
+        try:
+            snapshot_download(repo.repo, revision=commit, local_dir=partial,
+                              allow_patterns=[CONFIG_FILE])
+            if not config_refuses(partial / CONFIG_FILE, limit=self.limit):
+                snapshot_download(repo.repo, revision=commit, local_dir=partial,
+                                  allow_patterns=list(WEIGHT_FILES))
+            shutil.rmtree(partial / ".cache", ignore_errors=True)  # (the client's own)
+            fetch.counted(bytes_under(partial))
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+            ok = True
+        finally:
+            self.fetches.end(fetch, ok=ok)
+            with self._lock:
+                self._partials.discard(partial.name)
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _size(self, repo: HubRepo, commit: str) -> int:
+        """The bytes of the adapter's files at `commit` (0 when the Hub does not say)."""
+        try:
+            infos = self.api.get_paths_info(repo.repo, [CONFIG_FILE, *WEIGHT_FILES],
+                                            revision=commit)
+            return sum(int(getattr(info, "size", 0) or 0) for info in infos)
+        except Exception:  # noqa: BLE001 - progress is shown without its total then
+            return 0
 
     def _done(self, future: concurrent.futures.Future[AdapterFolder]) -> None:
         if self.on_done is not None and not future.cancelled():

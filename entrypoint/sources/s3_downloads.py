@@ -25,6 +25,7 @@ from entrypoint.adapters.folder import AdapterFolder, config_refuses, inspect_fo
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backoff import STORE_CALLS, Backoff
 from entrypoint.clock import REAL, Clock
+from entrypoint.fetches import FETCHES, Fetch, FetchLog
 from entrypoint.sources.s3_client import ADAPTER_FILES, Listed, S3Url, explain
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,11 @@ class Downloads:
 
     def __init__(self, source: S3Url, client: Any, endpoint: str, folder: Path, *,
                  limit: RankLimit | None, served_name: str | None,
-                 backoff: Backoff = STORE_CALLS, clock: Clock = REAL) -> None:
+                 backoff: Backoff = STORE_CALLS, clock: Clock = REAL,
+                 fetches: FetchLog = FETCHES) -> None:
         self.source, self.client, self.endpoint, self.folder = source, client, endpoint, folder
         self.limit, self.served_name = limit, served_name
-        self.backoff, self.clock = backoff, clock
+        self.backoff, self.clock, self.fetches = backoff, clock, fetches
         self._records: dict[str, _Download] = {}
         self._queue: list[tuple[int, AdapterFolder, Listed, _Download]] = []
         self._running: set[Future] = set()
@@ -173,7 +175,7 @@ class Downloads:
         target = self.folder / f"{name}-{listed.fingerprint}"
         try:
             if not target.is_dir():
-                self._download(name, listed, target, record)
+                self._download(name, base.url, listed, target, record)
         except _Changed as exc:
             return replace(base, pending=True, problem=f"uploading: {exc}; looking again",
                            kind=Kind.UPLOADING)
@@ -202,25 +204,32 @@ class Downloads:
                         base.name, base.url, problem)
         return record.reason
 
-    def _download(self, name: str, listed: Listed, target: Path, record: _Download) -> None:
+    def _download(self, name: str, url: str, listed: Listed, target: Path,
+                  record: _Download) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         temporary = self.folder / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         temporary.mkdir()
+        weights = next(w for w in WEIGHT_FILES if w in listed.objects)
+        fetch = self.fetches.begin(name, url, sum(listed.objects[k].size
+                                                  for k in (CONFIG_FILE, weights)))
+        ok = False
         try:
-            weights = next(w for w in WEIGHT_FILES if w in listed.objects)
-            self._get(name, CONFIG_FILE, listed, temporary / CONFIG_FILE, record)
+            self._get(name, CONFIG_FILE, listed, temporary / CONFIG_FILE, record, fetch)
             if not config_refuses(temporary / CONFIG_FILE, limit=self.limit):
-                self._get(name, weights, listed, temporary / weights, record)
+                self._get(name, weights, listed, temporary / weights, record, fetch)
             # (else the config alone is kept: its reason shows, its weights are never fetched)
             try:
                 temporary.rename(target)
             except OSError:
                 if not target.is_dir():  # (else: the same version, downloaded by another)
                     raise
+            ok = True
         finally:
+            self.fetches.end(fetch, ok=ok)
             shutil.rmtree(temporary, ignore_errors=True)
 
-    def _get(self, name: str, key: str, listed: Listed, path: Path, record: _Download) -> None:
+    def _get(self, name: str, key: str, listed: Listed, path: Path, record: _Download,
+             fetch: Fetch) -> None:
         """One object, as listed, to `path` (never its old and new versions mixed)."""
         from botocore.exceptions import ClientError
 
@@ -240,6 +249,7 @@ class Downloads:
                 if self._closed.is_set() or not self._wanted(name, record):
                     raise _Unwanted()
                 out.write(chunk)
+                fetch.add(len(chunk))
         if path.stat().st_size != expected.size or (
                 answer.get("ETag") and answer["ETag"] != expected.etag):
             raise _Changed(f"{key} changed during the download")

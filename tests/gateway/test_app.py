@@ -123,6 +123,19 @@ def test_adapters_endpoint_reports_every_folder(upstream):
     assert big["reason"] == "rank 64 is above NIM_MAX_LORA_RANK=16" and big["rank"] == 64
     assert big["version"] == "v2" and big["since"].endswith("+00:00")
     assert run(state, "GET", "/v1/adapters/nope").status_code == 404
+    assert big["fetch"] is None  # no download under way
+
+
+def test_adapters_endpoint_shows_a_download_under_way(upstream):
+    from entrypoint.fetches import FetchLog
+
+    state = make_state(upstream)
+    state.fetches = FetchLog()
+    state.fetches.begin("copying", "s3://bucket/loras/copying", total=40 << 20).add(10 << 20)
+    listed = {a["name"]: a for a in run(state, "GET", "/v1/adapters").json()["data"]}
+    assert listed["copying"]["fetch"] == {"done_bytes": 10 << 20, "total_bytes": 40 << 20}
+    assert listed["alpha"]["fetch"] is None
+    assert run(state, "GET", "/v1/adapters/copying").json()["fetch"]["done_bytes"] == 10 << 20
 
 
 @pytest.mark.parametrize(("kwargs", "status", "message"), [

@@ -233,3 +233,23 @@ def test_a_hub_config_that_rules_an_adapter_out_costs_no_weights_download(
     found = by_name(source.scan_at_start())["dora"]
     assert not found.valid and found.problem.startswith("DoRA"), found.problem
     assert not list((tmp_path / "dl").rglob(WEIGHTS))  # the weights were never downloaded
+
+
+def test_a_hub_fetch_counts_its_bytes_against_the_total_the_hub_gives(
+        hub, tmp_path, library, listed, monkeypatch):
+    from entrypoint.fetches import FETCHES
+
+    hub.commit("acme/counted", library / "alpha")
+    write(listed, {"name": "counted", "uri": "hf://acme/counted"})
+    begun = []
+    real = FETCHES.begin
+    monkeypatch.setattr(FETCHES, "begin", lambda *a, **k: begun.append(a) or real(*a, **k))
+    before = FETCHES.totals()
+    found = by_name(ListSource(listed, downloads=tmp_path / "dl",
+                               limit=RankLimit(16)).scan_at_start())["counted"]
+    assert found.valid
+    size = sum((library / "alpha" / f).stat().st_size for f in ("adapter_config.json", WEIGHTS))
+    ((name, url, total),) = begun
+    assert (name, url, total) == ("counted", found.url, size)
+    after = FETCHES.totals()
+    assert (after.succeeded - before.succeeded, after.bytes - before.bytes) == (1, size)

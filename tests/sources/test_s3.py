@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from entrypoint.adapters.files import CONFIG_FILE
+from entrypoint.adapters.files import CONFIG_FILE, Kind
 from entrypoint.adapters.folder import inspect_folder
 from entrypoint.backoff import STORE_CALLS
 from entrypoint.config.settings import ConfigError, load_settings
@@ -460,3 +460,50 @@ def test_a_config_that_rules_an_adapter_out_costs_no_weights_download(
     assert not found.valid and found.problem.startswith("DoRA"), found.problem
     assert gets == [f"loras/dora/{CONFIG_FILE}"]  # the weights were never asked for
     assert by_name(scan.scan())["dora"].problem == found.problem and len(gets) == 1
+
+
+def test_a_download_under_way_shows_its_bytes_done_of_its_total(s3_store, bucket, tmp_path):
+    import threading
+
+    from entrypoint.fetches import FETCHES
+    from tests.test_snapshots import WEIGHTS as WIDE_WEIGHTS
+    from tests.test_snapshots import sized_adapter
+
+    made = sized_adapter(tmp_path / "made" / "slow-wide")
+    upload(s3_store.client(), bucket, "slow-wide", made)
+    total = sum(f.stat().st_size for f in made.iterdir())
+    scan = scanner(s3_store, bucket, tmp_path)
+    release = threading.Event()
+    real = scan.client.get_object
+
+    class Held:  # the weights' body: its first chunk, then it waits for the test
+        def __init__(self, body) -> None:
+            self.body, self.reads = body, 0
+
+        def read(self, size: int) -> bytes:
+            self.reads += 1
+            if self.reads == 2:
+                release.wait(30)
+            return self.body.read(size)
+
+    def get_object(**kw):
+        answer = real(**kw)
+        return {**answer, "Body": Held(answer["Body"])} if kw["Key"].endswith(
+            WIDE_WEIGHTS) else answer
+
+    scan.client.get_object = get_object
+    before = FETCHES.totals()
+    CLOCK.step(s3.SETTLE_SECS + 2.1)  # older than the settle time by the store's clock
+    assert by_name(scan.scan())["slow-wide"].kind is Kind.DOWNLOADING  # beside the pass
+    deadline = time.monotonic() + 30
+    while (FETCHES.progress("slow-wide") or (0, 0))[0] <= 2 << 10:  # the config and a chunk
+        assert time.monotonic() < deadline, FETCHES.progress("slow-wide")
+        time.sleep(0.01)
+    done, whole = FETCHES.progress("slow-wide")
+    assert whole == total and 0 < done < total
+    release.set()
+    scan.wait_downloads(30)
+    assert FETCHES.progress("slow-wide") is None
+    after = FETCHES.totals()
+    assert after.succeeded == before.succeeded + 1 and after.bytes - before.bytes == total
+    assert by_name(scan.scan())["slow-wide"].valid
