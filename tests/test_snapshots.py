@@ -24,11 +24,12 @@ WEIGHTS = "adapter_model.safetensors"
 MIB = 1 << 20
 
 
-def sized_adapter(folder: Path, mib: int = 20) -> Path:
-    """A valid rank-8 adapter of about `mib` MiB (one wide q_proj pair; seeded)."""
+def sized_adapter(folder: Path, mib: int = 20, seed: int = 7) -> Path:
+    """A valid rank-8 adapter of about `mib` MiB (one wide q_proj pair; its weights drawn from
+    `seed`)."""
     folder.mkdir(parents=True)
     width = mib * MIB // (2 * 8 * 4)
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     (folder / WEIGHTS).write_bytes(save({
         f"{prefix}.lora_A.weight": rng.standard_normal((8, width), dtype=np.float32),
