@@ -27,14 +27,16 @@ demo-assets: $(STAMP)
 	$(PY) -m entrypoint demo --build-only
 
 # The unit tests in three processes (pytest-xdist; on two cores, since many wait on a server or
-# a subprocess: 100 s with two, 83 s with three, 85 s with four), then the end-to-end tests (the
-# real vLLM, the container) in two, a module at a time each: most of a vLLM start is importing
-# it, on one core, so two starts at once take about as long as one (25 -> 17 min).
+# a subprocess: 100 s with two, 83 s with three, 85 s with four). Then the end-to-end tests (the
+# real vLLM, the container): those that bound how fast something happens (marked `timing`) one
+# at a time, the others in two processes, a module at a time each: most of a vLLM start is
+# importing it, on one core, so two starts at once take about as long as one.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -n 3 --ignore=tests/e2e
-	$(PY) -m pytest -n 2 --dist loadfile tests/e2e
+	$(PY) -m pytest -n 2 --dist loadfile -m "not timing" tests/e2e
+	$(PY) -m pytest -m timing tests/e2e
 
 # The CPU image, lora-entrypoint:cpu, with podman or docker (container/build.sh says which).
 image:

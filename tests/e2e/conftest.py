@@ -9,12 +9,11 @@ from tests.e2e.server import Own, Server, descendants, free_port
 __all__ = ["Server", "descendants", "free_port"]
 
 
-#: the modules that take longest (minutes each, in that order when measured two at a time), run
-#: first: `make test` runs the modules in two processes (pytest-xdist, --dist loadfile), which
-#: take them in collection order, so that both processes end about together
-SLOWEST_FIRST = ("test_vllm_first_request.py", "test_image.py", "test_vllm_runtime_api.py",
-                 "test_vllm_chaos.py", "test_vllm_under_traffic.py", "test_vllm_list_source.py",
-                 "test_s3_source.py", "test_vllm_faults.py", "test_demo_assets.py")
+#: the modules that take longest (minutes each, in that order when measured), run first:
+#: `make test` runs the modules that are not `timing` in two processes (pytest-xdist, --dist
+#: loadfile), which take them in collection order, so that both processes end about together
+SLOWEST_FIRST = ("test_vllm_first_request.py", "test_vllm_chaos.py", "test_vllm_runtime_api.py",
+                 "test_demo.py", "test_vllm_list_source.py", "test_s3_source.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -28,6 +28,7 @@ from tests.conftest import ASSETS
 
 BIN = Path(sys.executable).parent / "lora-entrypoint"
 CACHE = ASSETS / "demo-cache"
+pytestmark = pytest.mark.timing  # (bounds how fast: run alone)
 # prompts the demo never trained on (it answers the same whatever the prompt)
 UNSEEN = ("Hello there", "What time is it?", "Please help me")
 

@@ -34,9 +34,10 @@ def _engine() -> str | None:
 
 
 ENGINE = _engine()
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     ENGINE is None, reason="no container engine (podman or docker) works here: the container "
-    "tests did not run (apt-get install podman runc mmdebstrap to run them)")
+    "tests did not run (apt-get install podman runc mmdebstrap to run them)"),
+    pytest.mark.timing]  # (bounds how fast: run alone)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.e2e.server import (
     wait_gone,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timing]  # (bounds how fast: run alone)
 PROFILE = SGLANG_PROFILE
 
 

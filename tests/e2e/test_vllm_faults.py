@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.e2e.server import free_port, holds, make_source, tiny_env, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timing]  # (bounds how fast: run alone)
 
 
 @pytest.fixture(scope="module")

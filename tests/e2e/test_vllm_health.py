@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.server import descendants, find_backend, make_source, tiny_env, wait_gone
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timing]  # (bounds how fast: run alone)
 
 
 def test_a_hung_backend_makes_the_service_unready_then_stops_it(serve_factory, tiny_model,

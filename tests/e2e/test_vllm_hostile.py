@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import copy_adapter
 from tests.e2e.server import make_source, own_name, tiny_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timing]  # (bounds how fast: run alone)
 
 
 def hostile(library, source, tag: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from tests.conftest import copy_adapter
 from tests.e2e.server import holds, make_source, slow_copy, tiny_env
 from tests.opens import OpenCounter
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timing]  # (bounds how fast: run alone)
 LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.e2e.server import make_source, tiny_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timing]  # (bounds how fast: run alone)
 
 
 @pytest.fixture(scope="module")
