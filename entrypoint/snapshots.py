@@ -196,12 +196,12 @@ class SnapshotStore:
                 self._hash(src, source, digest)
                 return
             try:
-                dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                dst = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             except OSError as exc:
                 raise self._cache_error(exc) from None
             try:
-                if _clone(src, dst):
-                    self._hash(src, source, digest)
+                if _clone(src, dst):  # the name is the clone's content, read from the clone
+                    self._hash(dst, target, digest)
                 else:
                     self._write(src, dst, source, digest)
                 # No fsync: a snapshot only has to be visible to the backend (the page cache is
@@ -229,7 +229,6 @@ class SnapshotStore:
             digest.update(chunk)
 
     def _write(self, src: int, dst: int, source: Path, digest: hashlib.blake2b) -> None:
-        self.copied_bytes += os.fstat(src).st_size
         for chunk in self._chunks(src, source):
             digest.update(chunk)
             try:
@@ -238,6 +237,8 @@ class SnapshotStore:
                     view = view[os.write(dst, view):]
             except OSError as exc:
                 raise self._cache_error(exc) from None
+            with self._lock:
+                self.copied_bytes += len(chunk)
 
     def retire(self, path: Path) -> None:
         """`path` is served no more: delete it once the grace period has passed unused.

@@ -179,6 +179,16 @@ def config_refuses(path: Path, *, limit: RankLimit | None) -> bool:
     return not isinstance(config, dict) or config_problem(config, limit=limit) is not None
 
 
+def fetched_whole(folder: Path, *, limit: RankLimit | None) -> bool:
+    """A download folder holds all a fetch keeps: the config and the weights, or a config that
+    rules the adapter out under `limit` (one kept while a lower limit refused it is fetched
+    whole once the limit allows it)."""
+    if not (folder / CONFIG_FILE).is_file():
+        return False
+    return any((folder / weights).is_file() for weights in WEIGHT_FILES) or config_refuses(
+        folder / CONFIG_FILE, limit=limit)
+
+
 def inspect_folder(
     path: Path,
     *,

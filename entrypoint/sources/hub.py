@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.adapters.files import CONFIG_FILE, WEIGHT_FILES, Kind
-from entrypoint.adapters.folder import AdapterFolder, config_refuses, inspect_folder
+from entrypoint.adapters.folder import (
+    AdapterFolder,
+    config_refuses,
+    fetched_whole,
+    inspect_folder,
+)
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backoff import STORE_CALLS, Backoff
 from entrypoint.clock import REAL, Clock
@@ -109,9 +114,10 @@ class HubDownloads:
 
     def __init__(self, folder: Path, *, limit: RankLimit | None, served_name: str | None,
                  backoff: Backoff = STORE_CALLS, clock: Clock = REAL, api: Any = None,
-                 fetches: FetchLog = FETCHES) -> None:
+                 fetches: FetchLog | None = None) -> None:
         self.folder, self.limit, self.served_name = folder, limit, served_name
-        self.backoff, self.clock, self.fetches = backoff, clock, fetches
+        self.backoff, self.clock = backoff, clock
+        self.fetches = fetches if fetches is not None else FETCHES
         self._api = api
         self._records: dict[str, _Fetch] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(DOWNLOADERS,
@@ -198,7 +204,7 @@ class HubDownloads:
     def _fetch(self, name: str, repo: HubRepo, commit: str) -> AdapterFolder:
         """Download the adapter's own files at `commit` (once per commit) and judge them."""
         target = self.folder / f"{name}-{commit}"
-        if not (target / CONFIG_FILE).is_file():
+        if not fetched_whole(target, limit=self.limit):
             self._download(name, repo, commit, target)
         folder = inspect_folder(target, limit=self.limit, served_name=self.served_name,
                                 name=name, complete=True)

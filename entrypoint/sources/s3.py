@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.adapters.files import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHT_FILES, Kind
-from entrypoint.adapters.folder import AdapterFolder
+from entrypoint.adapters.folder import AdapterFolder, fetched_whole
 from entrypoint.adapters.names import display_name, name_problem
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backoff import STORE_CALLS, Backoff
@@ -250,7 +250,7 @@ class S3Source:
             return replace(base, problem=f"prefix name {problem}")
         if self.served_name and name == self.served_name:
             return replace(base, problem="prefix name equals the served model name; rename it")
-        if (self.downloads / f"{name}-{current.fingerprint}").is_dir():
+        if fetched_whole(self.downloads / f"{name}-{current.fingerprint}", limit=self.limit):
             return None  # downloaded whole before (by the start-up listing): complete
         direct = {k: o for k, o in current.objects.items() if "/" not in k}
         if not any(adapter_file(key) for key in direct):

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.adapters.files import CONFIG_FILE, WEIGHT_FILES, Kind
-from entrypoint.adapters.folder import AdapterFolder, config_refuses, inspect_folder
+from entrypoint.adapters.folder import (
+    AdapterFolder,
+    config_refuses,
+    fetched_whole,
+    inspect_folder,
+)
 from entrypoint.adapters.rank import RankLimit
 from entrypoint.backoff import STORE_CALLS, Backoff
 from entrypoint.clock import REAL, Clock
@@ -62,10 +67,11 @@ class Downloads:
     def __init__(self, source: S3Url, client: Any, endpoint: str, folder: Path, *,
                  limit: RankLimit | None, served_name: str | None,
                  backoff: Backoff = STORE_CALLS, clock: Clock = REAL,
-                 fetches: FetchLog = FETCHES) -> None:
+                 fetches: FetchLog | None = None) -> None:
         self.source, self.client, self.endpoint, self.folder = source, client, endpoint, folder
         self.limit, self.served_name = limit, served_name
-        self.backoff, self.clock, self.fetches = backoff, clock, fetches
+        self.backoff, self.clock = backoff, clock
+        self.fetches = fetches if fetches is not None else FETCHES
         self._records: dict[str, _Download] = {}
         self._queue: list[tuple[int, AdapterFolder, Listed, _Download]] = []
         self._running: set[Future] = set()
@@ -91,7 +97,7 @@ class Downloads:
                                problem=f"download failed ({exc!r}); looking again")
         if record is None or record.version != listed.fingerprint:
             record = self._records[name] = _Download(listed.fingerprint)
-        if (self.folder / f"{name}-{listed.fingerprint}").is_dir():
+        if fetched_whole(self.folder / f"{name}-{listed.fingerprint}", limit=self.limit):
             return self._fetch(base, listed, record)  # downloaded before: inspected at once
         if record.failures and self.clock.now() < record.retry_at:
             return replace(base, pending=True, problem=record.reason,  # backing off
@@ -174,7 +180,7 @@ class Downloads:
         name = base.name
         target = self.folder / f"{name}-{listed.fingerprint}"
         try:
-            if not target.is_dir():
+            if not fetched_whole(target, limit=self.limit):
                 self._download(name, base.url, listed, target, record)
         except _Changed as exc:
             return replace(base, pending=True, problem=f"uploading: {exc}; looking again",
@@ -218,6 +224,8 @@ class Downloads:
             if not config_refuses(temporary / CONFIG_FILE, limit=self.limit):
                 self._get(name, weights, listed, temporary / weights, record, fetch)
             # (else the config alone is kept: its reason shows, its weights are never fetched)
+            if target.is_dir() and not fetched_whole(target, limit=self.limit):
+                shutil.rmtree(target)  # a config kept while a lower rank limit refused it
             try:
                 temporary.rename(target)
             except OSError:

@@ -237,8 +237,11 @@ def test_a_hub_config_that_rules_an_adapter_out_costs_no_weights_download(
 
 def test_a_hub_fetch_counts_its_bytes_against_the_total_the_hub_gives(
         hub, tmp_path, library, listed, monkeypatch):
-    from entrypoint.fetches import FETCHES
+    from entrypoint.fetches import FetchLog
+    from entrypoint.sources import hub as hub_module
 
+    FETCHES = FetchLog()  # (its own: no other test's download counts here)
+    monkeypatch.setattr(hub_module, "FETCHES", FETCHES)
     hub.commit("acme/counted", library / "alpha")
     write(listed, {"name": "counted", "uri": "hf://acme/counted"})
     begun = []

@@ -462,12 +462,17 @@ def test_a_config_that_rules_an_adapter_out_costs_no_weights_download(
     assert by_name(scan.scan())["dora"].problem == found.problem and len(gets) == 1
 
 
-def test_a_download_under_way_shows_its_bytes_done_of_its_total(s3_store, bucket, tmp_path):
+def test_a_download_under_way_shows_its_bytes_done_of_its_total(s3_store, bucket, tmp_path,
+                                                                 monkeypatch):
     import threading
 
-    from entrypoint.fetches import FETCHES
+    from entrypoint.fetches import FetchLog
+    from entrypoint.sources import s3_downloads
     from tests.test_snapshots import WEIGHTS as WIDE_WEIGHTS
     from tests.test_snapshots import sized_adapter
+
+    FETCHES = FetchLog()  # (its own: no other test's download counts here)
+    monkeypatch.setattr(s3_downloads, "FETCHES", FETCHES)
 
     made = sized_adapter(tmp_path / "made" / "slow-wide")
     upload(s3_store.client(), bucket, "slow-wide", made)
@@ -507,3 +512,23 @@ def test_a_download_under_way_shows_its_bytes_done_of_its_total(s3_store, bucket
     after = FETCHES.totals()
     assert after.succeeded == before.succeeded + 1 and after.bytes - before.bytes == total
     assert by_name(scan.scan())["slow-wide"].valid
+
+
+def test_a_config_refused_under_a_lower_rank_limit_is_fetched_whole_once_allowed(
+        s3_store, bucket, library, tmp_path):
+    """Raising NIM_MAX_LORA_RANK and restarting serves the adapter: the config kept while the
+    old limit refused it does not stand for a download."""
+    from entrypoint.adapters.rank import RankLimit
+
+    upload(s3_store.client(), bucket, "big", library / "big")  # rank 64
+    CLOCK.step(s3.SETTLE_SECS + 2.1)
+
+    def source(rank: int) -> S3Source:
+        return S3Source(S3Url.parse(f"s3://{bucket}/loras"), downloads=tmp_path / "downloads",
+                        client=s3_store.client(), clock=CLOCK, limit=RankLimit(rank))
+
+    (refused,) = source(16).scan_at_start()
+    assert not refused.valid and "rank 64" in refused.problem
+    (served,) = source(64).scan_at_start()
+    assert served.valid, served.problem
+    assert (served.path / WEIGHTS).read_bytes() == (library / "big" / WEIGHTS).read_bytes()
