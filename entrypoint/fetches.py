@@ -95,7 +95,6 @@ class FetchLog:
         self._running: dict[str, Fetch] = {}
         self._totals = FetchTotals()
         self._ticker: threading.Thread | None = None
-        self._tick = threading.Event()
 
     def begin(self, name: str, url: str, total: int,
               measure: Callable[[], int] | None = None) -> Fetch:
@@ -137,7 +136,7 @@ class FetchLog:
         """Say how far each long fetch has got, every `progress_every` seconds, while any
         runs (a thread of its own: a download's thread is inside the client's call)."""
         while True:
-            self._tick.wait(min(1.0, self.progress_every))
+            time.sleep(min(1.0, self.progress_every))
             now = time.monotonic()
             with self._lock:
                 if not self._running:
