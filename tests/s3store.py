@@ -117,3 +117,19 @@ class S3Store:
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEY,
                             aws_secret_access_key=SECRET, region_name="us-east-1")
+
+    def put_many(self, bucket: str, objects: dict[str, bytes]) -> None:
+        """Many small objects at once, written through the store's filer (SeaweedFS keeps an S3
+        bucket as its folder /buckets/<bucket>): one kept-alive connection, about a tenth of the
+        CPU of an S3 PUT each. What S3 lists and serves of them is the same as of a PUT's."""
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports["filer"][0], timeout=30)
+        try:
+            for key, body in objects.items():
+                conn.request("PUT", f"/buckets/{bucket}/{key}", body=body)
+                reply = conn.getresponse()
+                reply.read()
+                assert reply.status == 201, f"filer PUT {key}: HTTP {reply.status}"
+        finally:
+            conn.close()

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.clirun import Ran, run_cli
+
 BIN = Path(sys.executable).parent / "lora-entrypoint"
 
 
-def run(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+def run(env: dict[str, str], *args: str) -> tuple[Ran, float]:
     start = time.monotonic()
-    result = subprocess.run([str(BIN), "serve", *args], env={**clean, **env},
-                            capture_output=True, text=True, timeout=60)
+    result = run_cli("serve", *args, env=env)
     return result, time.monotonic() - start
 
 
@@ -60,6 +60,16 @@ def test_bad_configuration_fails_fast_with_one_line(base_env, env, message):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_the_console_script_fails_fast_with_one_line(base_env):
+    """The installed `lora-entrypoint` itself (the other tests run its commands in-process)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
+    result = subprocess.run([str(BIN), "serve"], capture_output=True, text=True, timeout=60,
+                            env={**clean, **base_env, "NIM_SERVER_PORT": "0"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "error: NIM_SERVER_PORT=0: must be a TCP port between 1 and 65535\n"
+    assert result.stdout == ""
+
+
 def test_busy_port_is_reported_before_the_backend_starts(base_env):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -84,10 +94,8 @@ def test_dry_run_prints_the_plan(base_env, library, tmp_path):
     assert [a["name"] for a in plan["adapters"]] == ["alpha"]
 
 
-def check(*args: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
-    return subprocess.run([str(BIN), "check-adapters", *args], env=clean, capture_output=True,
-                          text=True, timeout=60)
+def check(*args: str) -> Ran:
+    return run_cli("check-adapters", *args)
 
 
 def test_check_adapters_reports_each_folder(library, tmp_path):
@@ -111,10 +119,8 @@ def test_check_adapters_reports_each_folder(library, tmp_path):
 
 
 def test_check_adapters_uses_nim_peft_source(library, tmp_path):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
-    result = subprocess.run([str(BIN), "check-adapters"], capture_output=True, text=True,
-                            env={**clean, "NIM_PEFT_SOURCE": str(library),
-                                 "NIM_MAX_LORA_RANK": "16"}, timeout=60)
+    result = run_cli("check-adapters",
+                     env={"NIM_PEFT_SOURCE": str(library), "NIM_MAX_LORA_RANK": "16"})
     assert result.returncode == 1
     assert "big\tinvalid\trank 64 is above NIM_MAX_LORA_RANK=16" in result.stdout
 
@@ -124,9 +130,7 @@ def test_check_adapters_reads_a_list_file(library, tmp_path):
     listed.write_text(f"adapters:\n  - name: sql\n    uri: {library / 'alpha'}\n"
                       f"  - name: large\n    uri: file://{library / 'big'}\n"
                       "  - name: odd\n    uri: relative/x\n")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
-    result = subprocess.run([str(BIN), "check-adapters", str(listed)], capture_output=True,
-                            text=True, env={**clean, "NIM_MAX_LORA_RANK": "16"}, timeout=60)
+    result = run_cli("check-adapters", str(listed), env={"NIM_MAX_LORA_RANK": "16"})
     assert result.returncode == 1, result.stderr
     assert "sql\tok\trank 8" in result.stdout
     assert "large\tinvalid\trank 64 is above NIM_MAX_LORA_RANK=16" in result.stdout
@@ -146,17 +150,14 @@ def test_check_adapters_and_dry_run_judge_every_folder_alike(base_env, library, 
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     served = {a["name"]: (a["valid"], a["reason"]) for a in plan["adapters"]}
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
-    checked = subprocess.run([str(BIN), "check-adapters", "--json"], env={**clean, **env},
-                             capture_output=True, text=True, timeout=60)
+    checked = run_cli("check-adapters", "--json", env=env)
     judged = {a["name"]: (a["valid"], a["reason"]) for a in json.loads(checked.stdout)}
     assert judged == served
     if max_rank is None:
         assert plan["max_lora_rank"] == 64 and judged["big"] == (True, None)
         assert checked.returncode == 0
-        assert "rank limit 64 (derived from the adapters found at start" in subprocess.run(
-            [str(BIN), "check-adapters"], env={**clean, **env}, capture_output=True, text=True,
-            timeout=60).stderr
+        assert "rank limit 64 (derived from the adapters found at start" in run_cli(
+            "check-adapters", env=env).stderr
     else:
         assert plan["max_lora_rank"] == 16 and checked.returncode == 1
         assert judged["big"] == (False, "rank 64 is above NIM_MAX_LORA_RANK=16; raise "
@@ -186,7 +187,7 @@ def test_list_model_profiles_on_two_h100(fake_gpus, tmp_path):
 
 
 def test_list_model_profiles_json(fake_gpus):
-    result = run_tool([str(BIN), "list-model-profiles", "--json"], fake_gpus("8xA100"))
+    result = run_cli("list-model-profiles", "--json", env=fake_gpus("8xA100"))
     listed = json.loads(result.stdout)
     keys = {"id", "name", "backend", "precision", "tp", "pp", "lora", "compatible", "reason",
             "selected"}
@@ -207,20 +208,19 @@ def test_dry_run_shows_an_eight_gpu_command_from_a_laptop(base_env):
     assert "not compatible with this machine: needs 8 GPU(s); none found" in result.stderr
 
 
-def test_check_adapters_reads_an_hf_uri(library, hub_server):
+def test_check_adapters_reads_an_hf_uri(library, hub_server, monkeypatch):
     """One Hub repository, fetched from the Hub-compatible server of the tests and judged as a
     folder; a missing one is reported with its reason."""
+    from tests.hubserver import hub_environment
+
     hub_server.commit("acme/check", library / "alpha")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NIM_")}
-    env = {**clean, **hub_server.env(), "NIM_MAX_LORA_RANK": "16"}
-    result = subprocess.run([str(BIN), "check-adapters", "hf://acme/check"], capture_output=True,
-                            text=True, env=env, timeout=120)
+    hub_environment(monkeypatch, hub_server)
+    env = {"NIM_MAX_LORA_RANK": "16"}
+    result = run_cli("check-adapters", "hf://acme/check", env=env)
     assert result.returncode == 0, result.stderr
     assert "check\tok\trank 8" in result.stdout
-    missing = subprocess.run([str(BIN), "check-adapters", "hf://acme/missing"],
-                             capture_output=True, text=True, env=env, timeout=120)
+    missing = run_cli("check-adapters", "hf://acme/missing", env=env)
     assert missing.returncode == 1 and "hf://acme/missing was not found" in missing.stdout
-    bad = subprocess.run([str(BIN), "check-adapters", "hf://acme"], capture_output=True,
-                         text=True, env=env, timeout=60)
+    bad = run_cli("check-adapters", "hf://acme", env=env)
     assert bad.returncode != 0 and "does not name a repository" in bad.stderr
 

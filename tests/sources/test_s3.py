@@ -19,6 +19,7 @@ from entrypoint.config.settings import ConfigError, load_settings
 from entrypoint.sources import s3, s3_client
 from entrypoint.sources.s3 import S3Source
 from entrypoint.sources.s3_client import S3Url
+from tests.clirun import Ran, run_cli
 from tests.clock import SteppedClock
 from tests.e2e.server import BIN, clean_env
 
@@ -205,8 +206,14 @@ def test_the_setting_reads_s3_urls_and_refuses_other_schemes(monkeypatch):
         assert says in str(exc.value)
 
 
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=120,
+def cli(*args: str, **env: str) -> Ran:
+    """The command in this process; AWS_* settings too are read from the environment."""
+    return run_cli(*args, env=env)
+
+
+def serve_process(**env: str) -> subprocess.CompletedProcess[str]:
+    """A real `lora-entrypoint serve` process."""
+    return subprocess.run([str(BIN), "serve"], capture_output=True, text=True, timeout=120,
                           env=clean_env(**env))
 
 
@@ -219,7 +226,7 @@ def test_serve_stops_at_start_on_bad_credentials_or_bucket(s3_store, bucket, tin
         (s3_store.env(AWS_SECRET_ACCESS_KEY="x"), "check AWS_SECRET_ACCESS_KEY"),
         (s3_store.env(NIM_PEFT_SOURCE="s3://missing-bucket-x/loras"), "does not exist"),
     ):
-        done = run_cli("serve", "--dry-run",
+        done = cli("serve", "--dry-run",
                        **{"NIM_PEFT_SOURCE": f"s3://{bucket}/loras", **base, **env})
         assert done.returncode == 2, done.stdout  # a setting error, as every other
         lines = done.stderr.strip().splitlines()
@@ -233,7 +240,7 @@ def test_check_adapters_reads_an_s3_prefix(s3_store, bucket, library, tmp_path):
     upload(client, bucket, "big", library / "big")
     client.put_object(Bucket=bucket, Key="loras/broken/adapter_config.json", Body=b"[")
     client.put_object(Bucket=bucket, Key=f"loras/broken/{WEIGHTS}", Body=b"x")
-    done = run_cli("check-adapters", "--json", f"s3://{bucket}/loras",
+    done = cli("check-adapters", "--json", f"s3://{bucket}/loras",
                    NIM_MAX_LORA_RANK="16", NIM_CACHE_PATH=str(tmp_path), **s3_store.env())
     assert done.returncode == 1, done.stderr
     found = {a["name"]: a for a in json.loads(done.stdout)}
@@ -245,17 +252,11 @@ def test_check_adapters_reads_an_s3_prefix(s3_store, bucket, library, tmp_path):
 def test_a_thousand_adapters_cost_one_listing_per_thousand_keys(s3_store, bucket, tmp_path):
     """An unchanged pass lists and downloads nothing (the benchmark times it against a bare
     listing: benchmarks/s3_listing.py)."""
-    client = s3_store.client()
     config = json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
                          "peft_type": "LORA"}).encode()
-    import concurrent.futures
-
-    def put(i: int) -> None:
-        client.put_object(Bucket=bucket, Key=f"loras/a{i:04d}/adapter_config.json", Body=config)
-        client.put_object(Bucket=bucket, Key=f"loras/a{i:04d}/{WEIGHTS}", Body=b"not weights")
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(put, range(500)))  # 1,000 keys
+    s3_store.put_many(bucket, {key: body for i in range(500) for key, body in (
+        (f"loras/a{i:04d}/adapter_config.json", config),
+        (f"loras/a{i:04d}/{WEIGHTS}", b"not weights"))})  # 1,000 keys
     scan = scanner(s3_store, bucket, tmp_path)
     scan.scan_at_start()
     downloaded = sorted(p.name for p in (tmp_path / "downloads").iterdir())
@@ -402,7 +403,7 @@ def test_check_adapters_never_reports_an_unreachable_store_as_empty(tmp_path):
     is one line and exit 2, not "0 adapters"; so is an AWS_ENDPOINT_URL that is no URL."""
     for endpoint, says in (("http://127.0.0.1:9", "cannot be reached"),
                            ("minio:9000", "check AWS_ENDPOINT_URL")):
-        done = run_cli("check-adapters", "--json", "s3://bucket/loras",
+        done = cli("check-adapters", "--json", "s3://bucket/loras",
                        NIM_PEFT_REFRESH_INTERVAL="5", NIM_CACHE_PATH=str(tmp_path),
                        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="k",
                        AWS_SECRET_ACCESS_KEY="s", AWS_EC2_METADATA_DISABLED="true")
@@ -418,7 +419,7 @@ def test_a_static_server_does_not_start_without_an_adapter_it_cannot_download(
 
     upload(s3_store.client(), bucket, "alpha", library / "alpha")
     started = time.monotonic()
-    done = run_cli("serve", **s3_store.env(
+    done = serve_process(**s3_store.env(
         AWS_ACCESS_KEY_ID=LIST_ONLY_KEY, AWS_SECRET_ACCESS_KEY=LIST_ONLY_SECRET,
         NIM_MODEL_NAME=str(tiny_model), NIM_CACHE_PATH=str(tmp_path),
         NIM_PEFT_SOURCE=f"s3://{bucket}/loras"))
